@@ -1,0 +1,233 @@
+"""Batches from user loaders: unpacking, validation and the streamed fit passes."""
+
+from __future__ import annotations
+
+import collections.abc as cabc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import Adapter
+from .errors import InputError, InputTypeError
+from .progress import progress_bar
+from .taps import CaptureSpec, Features, capture, prepare_input
+
+_X_KEYS = ("image", "x", "input", "pixel_values", "img")
+_Y_KEYS = ("label", "y", "target", "labels")
+
+
+def unpack_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Split a loader item into ``(x, y)``.
+
+    Accepted: a tensor ``x``; a tuple/list ``(x, y, ...)`` (extra items ignored) or ``(x,)``;
+    a dict with an image key (``image``, ``x``, ``input``, ``pixel_values``, ``img``) and
+    optionally a label key (``label``, ``y``, ``target``, ``labels``).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, cabc.Mapping):
+        x = next((batch[k] for k in _X_KEYS if k in batch), None)
+        if x is None:
+            raise InputTypeError(
+                f"the loader yielded a dict with keys {sorted(batch)}; normscore looks for the "
+                f"images under one of {list(_X_KEYS)} and labels under one of {list(_Y_KEYS)}."
+            )
+        y = next((batch[k] for k in _Y_KEYS if k in batch), None)
+        return _check_x(x), _check_y(y, x)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise InputTypeError("the loader yielded an empty tuple/list; expected (x,) or (x, y).")
+        x = batch[0]
+        y = batch[1] if len(batch) > 1 else None
+        return _check_x(x), _check_y(y, x)
+    raise InputTypeError(
+        f"the loader yielded a {type(batch).__name__}; expected a tensor, a tuple (x, y) or a dict "
+        "with an 'image' key. Wrap your dataset so that it returns tensors (e.g. add "
+        "torchvision.transforms.ToTensor() and the model's normalisation)."
+    )
+
+
+def _check_x(x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(
+            f"the loader yielded images of type {type(x).__name__}, not a torch.Tensor batch. "
+            "Add a transform that returns tensors (torchvision.transforms.ToTensor() plus the "
+            "model's normalisation) and batch with a DataLoader."
+        )
+    return x
+
+
+def _check_y(y: object, x: torch.Tensor) -> torch.Tensor | None:
+    if y is None:
+        return None
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except Exception as e:  # noqa: BLE001
+            raise InputTypeError(f"labels of type {type(y).__name__} cannot be converted to a tensor.") from e
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        return None  # not class labels (e.g. masks); treat as unlabelled
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        return None
+    return y.long()
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor | None
+    index: torch.Tensor  # global sample index of each row (for deterministic splits)
+
+
+class FitStream:
+    """Re-iterable view of a fit loader with a deterministic calibration hold-out.
+
+    Sample ``i`` (in loader order) is held out for calibration when
+    ``i % stride == stride - 1`` with ``stride = round(1 / calibration)``; the split therefore
+    does not depend on the batch size.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        loader: Iterable,
+        *,
+        calibration: float = 0.1,
+        max_samples: int | None = None,
+        progress: bool = False,
+        desc: str = "fit",
+    ) -> None:
+        if not isinstance(loader, Iterable) or isinstance(loader, (torch.Tensor, str, bytes)):
+            if isinstance(loader, torch.Tensor):
+                raise InputTypeError(
+                    "fit() takes a loader (an iterable of batches), not one tensor. Wrap it: "
+                    "[x] or torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=...)."
+                )
+            raise InputTypeError(
+                f"fit() needs an iterable of batches (e.g. a torch DataLoader), got {type(loader).__name__}."
+            )
+        if not 0.0 <= calibration < 1.0:
+            raise InputError(f"calibration must be in [0, 1), got {calibration}.")
+        if max_samples is not None and max_samples < 1:
+            raise InputError(f"max_samples must be >= 1, got {max_samples}.")
+        self.adapter = adapter
+        self.loader = loader
+        self.calibration = calibration
+        self.stride = round(1.0 / calibration) if calibration > 0 else 0
+        self.max_samples = max_samples
+        self.progress = progress
+        self.desc = desc
+        self.passes = 0
+        self.n_seen: int | None = None
+        self.labelled: bool | None = None
+        self._one_shot = isinstance(loader, Iterator)
+
+    # ------------------------------------------------------------------ raw batches
+    def batches(self) -> Iterator[Batch]:
+        if self._one_shot and self.passes > 0:
+            raise InputTypeError(
+                "this detector needs several passes over the fit data, but the loader is a "
+                "one-shot iterator/generator. Pass a re-iterable loader (a DataLoader or a list)."
+            )
+        self.passes += 1
+        model = self.adapter.model
+        seen = 0
+        labelled = None
+        total = None
+        try:
+            total = len(self.loader)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        bar = progress_bar(total=total, desc=self.desc, enabled=self.progress, unit="batch")
+        try:
+            for batch in self.loader:
+                x, y = unpack_batch(batch)
+                if self.max_samples is not None and seen + x.shape[0] > self.max_samples:
+                    keep = self.max_samples - seen
+                    x, y = x[:keep], (y[:keep] if y is not None else None)
+                if x.shape[0] == 0:
+                    break
+                x = prepare_input(x, self.adapter if self.adapter.resolved else None, model)
+                self.adapter.ensure_resolved(x)
+                x = prepare_input(x, self.adapter, model)
+                if labelled is None:
+                    labelled = y is not None
+                elif labelled != (y is not None):
+                    raise InputError("some batches of the loader have labels and others do not.")
+                idx = torch.arange(seen, seen + x.shape[0])
+                seen += x.shape[0]
+                bar.update(1)
+                yield Batch(x, y.to(x.device) if y is not None else None, idx)
+                if self.max_samples is not None and seen >= self.max_samples:
+                    break
+        finally:
+            bar.close()
+        if seen == 0:
+            raise InputError(
+                "the fit loader yielded no samples. Pass a loader over in-distribution training "
+                "data (it may be empty because of a filter or a too large batch with drop_last=True)."
+            )
+        self.n_seen = seen
+        self.labelled = bool(labelled)
+
+    def calibration_mask(self, index: torch.Tensor) -> torch.Tensor:
+        if self.stride == 0:
+            return torch.zeros_like(index, dtype=torch.bool)
+        return (index % self.stride) == (self.stride - 1)
+
+    # ------------------------------------------------------------------ features
+    def features(
+        self,
+        spec: CaptureSpec,
+        *,
+        split: str = "fit",
+        calib_spec: CaptureSpec | None = None,
+        calib_store: list[Features] | None = None,
+    ) -> Iterator[Features]:
+        """Captured features of the ``split`` samples ("fit", "calibration" or "all").
+
+        With ``calib_spec`` and ``calib_store``, the calibration samples' features for that
+        spec are captured in the same pass and appended to ``calib_store``.
+        """
+        for b in self.batches():
+            cmask = self.calibration_mask(b.index)
+            if split == "fit":
+                sel = ~cmask
+            elif split == "calibration":
+                sel = cmask
+            elif split == "all":
+                sel = torch.ones_like(cmask)
+            else:
+                raise ValueError(split)
+            want_calib = calib_spec is not None and calib_store is not None and bool(cmask.any())
+            full = spec | calib_spec if want_calib else spec
+            if not bool(sel.any()) and not want_calib:
+                continue
+            if want_calib:
+                feats = capture(self.adapter, b.x, full, validated=True, index=b.index)
+                if b.y is not None:
+                    feats["labels"] = b.y
+                calib_store.append(feats.select(cmask.to(b.x.device)))
+                if bool(sel.any()):
+                    yield feats.select(sel.to(b.x.device))
+            else:
+                selx = sel.to(b.x.device)
+                x = b.x if bool(sel.all()) else b.x[selx]
+                feats = capture(self.adapter, x, spec, validated=True, index=b.index[sel.cpu()])
+                if b.y is not None:
+                    feats["labels"] = b.y[selx] if not bool(sel.all()) else b.y
+                yield feats
+
+    def inputs(self, *, split: str = "fit") -> Iterator[Batch]:
+        """Raw validated batches of one split (for detectors that transform inputs)."""
+        for b in self.batches():
+            cmask = self.calibration_mask(b.index)
+            sel = {"fit": ~cmask, "calibration": cmask, "all": torch.ones_like(cmask)}[split]
+            if not bool(sel.any()):
+                continue
+            if bool(sel.all()):
+                yield b
+            else:
+                s = sel.to(b.x.device)
+                yield Batch(b.x[s], b.y[s] if b.y is not None else None, b.index[sel])

@@ -1,0 +1,3 @@
+"""Import every built-in detector module so that each registers itself."""
+
+from . import logits, norms  # noqa: F401

@@ -1,0 +1,205 @@
+"""Saving and loading detectors without pickle.
+
+File layout (all integers little-endian)::
+
+    8 bytes   magic  b"\\x89NSCORE\\n"
+    8 bytes   header length H (uint64)
+    H bytes   header: UTF-8 JSON {"format_version", "normscore_version", "kind", "state",
+              "tensors": {key: {"dtype", "shape", "offset", "nbytes"}}, "data_nbytes"}
+    ...       raw tensor bytes (C order, little-endian)
+    32 bytes  SHA-256 of everything before it
+
+The state is JSON; every tensor in it is replaced by ``{"__tensor__": key}``. Loading checks
+the magic, the sizes, the checksum and the format version before reading anything, and never
+unpickles: a pickle or ``torch.save`` file is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._version import FORMAT_VERSION, __version__
+from .errors import FormatError
+
+__all__ = ["dumps", "load", "loads", "save"]
+
+MAGIC = b"\x89NSCORE\n"
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "t"
+        while key in tensors:
+            key += "_"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        for k in obj:
+            if not isinstance(k, str):
+                raise FormatError(f"state dict keys must be strings, got {k!r}")
+        return {k: _flatten(v, tensors, f"{prefix}/{k}" if prefix else k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, tensors, f"{prefix}/{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise FormatError(f"cannot save a value of type {type(obj).__name__} at {prefix!r} (only JSON and tensors)")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().astype("<i2").tobytes()
+    arr = t.numpy()
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def dumps(kind: str, state: dict[str, Any]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    jstate = _flatten(state, tensors, "")
+    meta: dict[str, Any] = {}
+    blobs: list[bytes] = []
+    offset = 0
+    for k, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise FormatError(f"cannot save tensor {k!r} of dtype {t.dtype}")
+        b = _tensor_bytes(t)
+        meta[k] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": len(b)}
+        blobs.append(b)
+        offset += len(b)
+    header = {
+        "format_version": FORMAT_VERSION,
+        "normscore_version": __version__,
+        "kind": kind,
+        "state": jstate,
+        "tensors": meta,
+        "data_nbytes": offset,
+    }
+    hb = json.dumps(header, allow_nan=True, sort_keys=True).encode("utf-8")
+    body = MAGIC + struct.pack("<Q", len(hb)) + hb + b"".join(blobs)
+    return body + hashlib.sha256(body).digest()
+
+
+def loads(data: bytes, source: str = "<bytes>") -> tuple[str, dict[str, Any]]:
+    if not data.startswith(MAGIC):
+        if data[:1] == b"\x80" or data[:2] == b"PK":
+            raise FormatError(
+                f"{source} looks like a pickle / torch.save file. normscore never loads pickles "
+                "(they can run arbitrary code); save detectors with det.save(path)."
+            )
+        raise FormatError(f"{source} is not a normscore file (wrong magic bytes).")
+    if len(data) < len(MAGIC) + 8 + 32:
+        raise FormatError(f"{source} is truncated ({len(data)} bytes).")
+    (hlen,) = struct.unpack("<Q", data[len(MAGIC) : len(MAGIC) + 8])
+    start = len(MAGIC) + 8
+    if start + hlen + 32 > len(data):
+        raise FormatError(f"{source} is truncated: the header says {hlen} bytes, the file is shorter.")
+    body, digest = data[:-32], data[-32:]
+    try:
+        header = json.loads(data[start : start + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{source} has a corrupt header ({e}); the file is damaged or was modified.") from None
+    if not isinstance(header, dict) or "format_version" not in header:
+        raise FormatError(f"{source} has no format version; it is not a normscore file.")
+    fv = header["format_version"]
+    if not isinstance(fv, int) or fv > FORMAT_VERSION:
+        raise FormatError(
+            f"{source} was written with format version {fv} (normscore {header.get('normscore_version')}); "
+            f"this normscore {__version__} reads format <= {FORMAT_VERSION}. Upgrade normscore."
+        )
+    expected = start + hlen + int(header.get("data_nbytes", -1))
+    if expected != len(body):
+        raise FormatError(
+            f"{source} is truncated or has trailing data: expected {expected + 32} bytes, found {len(data)}."
+        )
+    if hashlib.sha256(body).digest() != digest:
+        raise FormatError(f"{source} failed its checksum: the file was modified or damaged after saving.")
+    blob = memoryview(data)[start + hlen : start + hlen + header["data_nbytes"]]
+    tensors: dict[str, torch.Tensor] = {}
+    for k, m in header["tensors"].items():
+        dt = _DTYPES.get(m["dtype"])
+        if dt is None:
+            raise FormatError(f"{source}: unknown tensor dtype {m['dtype']!r}")
+        raw = bytes(blob[m["offset"] : m["offset"] + m["nbytes"]])
+        if dt == torch.bfloat16:
+            arr = np.frombuffer(raw, dtype="<i2").copy()
+            t = torch.from_numpy(arr).view(torch.bfloat16)
+        elif dt == torch.bool:
+            t = torch.from_numpy(np.frombuffer(raw, dtype=np.bool_).copy())
+        else:
+            np_dt = torch.empty(0, dtype=dt).numpy().dtype.newbyteorder("<")
+            t = torch.from_numpy(np.frombuffer(raw, dtype=np_dt).astype(np_dt.newbyteorder("="), copy=True))
+        tensors[k] = t.reshape(m["shape"])
+    return header["kind"], _unflatten(header["state"], tensors)
+
+
+def save(obj: Any, path: str | os.PathLike) -> None:
+    """Save a detector or detector set to ``path`` (atomically: written, then renamed)."""
+    from .detectors.base import Detector
+
+    kind = "detector" if isinstance(obj, Detector) else type(obj).__name__
+    data = dumps(kind, obj.state_dict())
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> Any:
+    """Load a detector (or detector set) saved with ``save``; attach it to ``model`` if given."""
+    from .detectors.base import create
+
+    p = Path(path)
+    if not p.is_file():
+        raise FormatError(f"no file at {str(p)!r}.")
+    kind, state = loads(p.read_bytes(), source=str(p))
+    if kind == "detector":
+        det = create(state["detector"])
+    elif kind == "DetectorSet":
+        from .detectors.dset import DetectorSet
+
+        det = DetectorSet.from_state_dict(state)
+        if model is not None:
+            det.attach(model)
+        return det
+    else:
+        raise FormatError(f"{p} holds an unknown object kind {kind!r}.")
+    if model is not None:
+        det.attach(model)
+    det.load_state_dict(state)
+    return det

@@ -1,0 +1,471 @@
+"""How tensors are captured: hooks registered for one call, per-call storage, model hygiene.
+
+:func:`capture` runs the model once on a batch and returns a :class:`Features` bundle holding
+exactly what a :class:`CaptureSpec` asks for: logits, penultimate features, per-block outputs
+(raw or reduced inside the hook, so large feature maps are never kept), the input, and
+optionally the results of one batched backward pass (input gradients and per-layer callbacks
+that see each layer's input and output gradient).
+
+Guarantees (tested):
+
+* hooks are registered for the call and removed on exit, also when the call raises;
+* the model runs in eval mode during the call, and every module's ``training`` flag is restored
+  afterwards (reference-counted, so concurrent calls on one model are safe);
+* no parameter, buffer, ``requires_grad`` flag or ``.grad`` is changed: backward passes use
+  ``torch.autograd.grad`` with respect to the (copied) input, never ``.backward()``;
+* storage is per call: hooks only record for the call (thread / context) that registered them,
+  so several threads can capture through one model at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, BlockInfo, model_output_tensor
+from .errors import AdapterError, InputError, InputTypeError
+
+__all__ = [
+    "BackwardSpec",
+    "CaptureSpec",
+    "Features",
+    "capture",
+    "eval_mode",
+    "model_device",
+    "prepare_input",
+    "reduce_block",
+    "register_view",
+    "view_key",
+]
+
+# ---------------------------------------------------------------------------------------------
+# model hygiene: eval mode for the duration of a call, restored afterwards (reference counted)
+
+_GUARD_LOCK = threading.Lock()
+_GUARDS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` (every submodule) in eval mode; restore each module's flag on exit.
+
+    Re-entrant and thread-safe: the first caller saves the flags, the last one restores them.
+    """
+    with _GUARD_LOCK:
+        entry = _GUARDS.get(model)
+        if entry is None:
+            flags = [(m, m.training) for m in model.modules()]
+            entry = [0, flags]
+            _GUARDS[model] = entry
+            for m, _ in flags:
+                m.training = False
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _GUARD_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                for m, flag in entry[1]:
+                    m.training = flag
+                del _GUARDS[model]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        return p.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# what to capture
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """One batched backward pass.
+
+    ``objective(logits) -> [B]`` must be a per-sample scalar (eval mode makes samples
+    independent, so the gradient of the sum gives exact per-sample gradients).
+    ``layers`` maps a module name to a callback ``fn(module, layer_input, grad_output) ->
+    dict[str, Tensor]`` of per-sample tensors; results with the same key are summed over
+    layers. ``input_grad`` also stores the gradient with respect to the input.
+    """
+
+    objective: Callable[[torch.Tensor], torch.Tensor]
+    layers: Mapping[str, Callable] = field(default_factory=dict)
+    input_grad: bool = False
+    key: str = "default"  # identifies the objective when specs are merged
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What one model pass must capture. Specs of several detectors merge with ``|``."""
+
+    logits: bool = True
+    penultimate: bool = False
+    blocks: frozenset[tuple[str, str]] = frozenset()  # (block name, reduction)
+    input: bool = False
+    backward: BackwardSpec | None = None
+    views: frozenset[str] = frozenset()  # registered input views captured in the same pass
+
+    def __or__(self, other: CaptureSpec) -> CaptureSpec:
+        if self.backward is not None and other.backward is not None and self.backward is not other.backward:
+            raise ValueError("two different backward passes cannot share one capture")
+        return CaptureSpec(
+            logits=self.logits or other.logits,
+            penultimate=self.penultimate or other.penultimate,
+            blocks=self.blocks | other.blocks,
+            input=self.input or other.input,
+            backward=self.backward or other.backward,
+            views=self.views | other.views,
+        )
+
+    @property
+    def needs_head(self) -> bool:
+        return self.penultimate
+
+
+class Features(dict):
+    """A bundle of captured per-sample tensors, keyed by kind. All tensors are batch-first.
+
+    Keys: ``"logits"`` [B, C], ``"penultimate"`` [B, D], ``"block:<name>:<reduction>"``,
+    ``"input"``, ``"input_grad"``, ``"labels"`` and detector-defined keys from backward
+    callbacks.
+    """
+
+    @property
+    def batch_size(self) -> int:
+        for v in self.values():
+            return int(v.shape[0])
+        return 0
+
+    def select(self, index: torch.Tensor | slice) -> Features:
+        return Features({k: v[index] for k, v in self.items()})
+
+    def to(self, device: torch.device | str) -> Features:
+        return Features({k: v.to(device) for k, v in self.items()})
+
+    def subset(self, keys: Iterable[str]) -> Features:
+        return Features({k: self[k] for k in keys if k in self})
+
+    @staticmethod
+    def cat(parts: list[Features]) -> Features:
+        parts = [p for p in parts if p]
+        if not parts:
+            return Features()
+        keys = parts[0].keys()
+        return Features({k: torch.cat([p[k] for p in parts]) for k in keys})
+
+    def require(self, key: str) -> torch.Tensor:
+        try:
+            return self[key]
+        except KeyError:
+            raise KeyError(
+                f"feature {key!r} was not captured (available: {sorted(self)}); the capture spec "
+                "of this detector does not match the features given"
+            ) from None
+
+
+def block_key(name: str, reduction: str) -> str:
+    return f"block:{name}:{reduction}"
+
+
+# ---------------------------------------------------------------------------------------------
+# block reductions (computed inside the forward hook)
+
+
+def _spatial_view(t: torch.Tensor, info: BlockInfo) -> torch.Tensor:
+    """Return the block output as ``[B, C, S]`` (channels x positions/tokens)."""
+    if info.layout == "nchw":
+        return t.flatten(2)
+    if info.layout == "nhwc":
+        return t.flatten(1, 2).transpose(1, 2)
+    if info.layout == "tokens":
+        return t[:, info.prefix_tokens :].transpose(1, 2)
+    raise ValueError(f"unknown layout {info.layout}")
+
+
+def reduce_block(t: torch.Tensor, info: BlockInfo, reduction: str) -> torch.Tensor:
+    """Reduce one block output.
+
+    * ``"featurenorm"`` - mean over channels of the L2 norm over positions of ``ReLU(A_c)``
+      (Yu et al., CVPR 2023). For tokens, patch tokens play the spatial role and the
+      ``prefix_tokens`` class/register tokens are excluded. Shape ``[B]``.
+    * ``"gap"`` - mean over positions (patch tokens), ``[B, C]``.
+    * ``"raw"`` - the output itself.
+    """
+    if reduction == "raw":
+        return t
+    v = _spatial_view(t, info).float()
+    if reduction == "featurenorm":
+        return torch.relu(v).norm(dim=2).mean(dim=1)
+    if reduction == "gap":
+        return v.mean(dim=2)
+    raise ValueError(f"unknown block reduction {reduction!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# input views: transformed copies of the batch captured in the same forward pass
+
+ViewFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_VIEWS: dict[str, ViewFn] = {}
+
+
+def register_view(name: str, fn: ViewFn) -> None:
+    """Register an input view ``fn(x [B, C, H, W], index [B]) -> x' [B, C, H, W]``.
+
+    ``index`` holds the global position of each sample in the fit stream, so views that
+    draw random numbers can seed them per sample and stay independent of the batch size.
+    Captured view features are stored under ``"<view>|<key>"``.
+    """
+    if "|" in name:
+        raise ValueError("view names cannot contain '|'")
+    _VIEWS[name] = fn
+
+
+def view_key(view: str, key: str) -> str:
+    return f"{view}|{key}"
+
+
+# ---------------------------------------------------------------------------------------------
+# input handling
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def prepare_input(x: object, adapter: Adapter | None, model: nn.Module) -> torch.Tensor:
+    """Validate a batch of images and move it to the model's device and dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(
+            f"expected a torch.Tensor batch of images [B, C, H, W], got {type(x).__name__}. "
+            "Convert with torch.as_tensor(...) (and batch it) first."
+        )
+    if x.dtype not in _FLOATS:
+        raise InputTypeError(
+            f"the input has dtype {x.dtype}; the model needs floating-point images. Convert and "
+            "normalise them as for the model (e.g. x.float() / 255 followed by the model's "
+            "normalisation)."
+        )
+    if x.ndim == 3:
+        raise InputError(
+            f"the input has 3 dimensions {tuple(x.shape)}; expected a batch [B, C, H, W]. "
+            "For a single image use x.unsqueeze(0)."
+        )
+    if x.ndim != 4:
+        raise InputError(f"the input has shape {tuple(x.shape)}; expected a batch of images [B, C, H, W].")
+    if x.shape[0] == 0:
+        raise InputError("the input batch is empty (batch size 0).")
+    if adapter is not None and adapter.resolved and adapter.in_chans is not None and x.shape[1] != adapter.in_chans:
+        raise InputError(
+            f"the input has {x.shape[1]} channels but the model's first convolution expects "
+            f"{adapter.in_chans}. Convert the images (e.g. grayscale -> x.expand(-1, 3, -1, -1)) "
+            "or use a model with the matching number of input channels."
+        )
+    dev = model_device(model)
+    if x.device != dev:
+        if x.device.type == "cpu":
+            x = x.to(dev, non_blocking=True)
+        else:
+            raise InputError(
+                f"the input is on {x.device} but the model is on {dev}. Move one of them: "
+                f"x.to({str(dev)!r}) or model.to({str(x.device)!r})."
+            )
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise InputError(
+            f"the input contains NaN or Inf values (samples {bad[:10]}{'...' if len(bad) > 10 else ''}). "
+            "normscore rejects non-finite inputs instead of returning meaningless scores; fix or "
+            "drop those samples."
+        )
+    dt = model_dtype(model)
+    if x.dtype != dt:
+        x = x.to(dt)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# the capture itself
+
+_ACTIVE: contextvars.ContextVar[object | None] = contextvars.ContextVar("normscore_active_call", default=None)
+
+
+class _Call:
+    """Per-call storage. Hooks compare the context's active call with their own."""
+
+    __slots__ = ("__weakref__", "store")
+
+    def __init__(self) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+
+
+def capture(
+    adapter: Adapter,
+    x: torch.Tensor,
+    spec: CaptureSpec,
+    *,
+    validated: bool = False,
+    index: torch.Tensor | None = None,
+) -> Features:
+    """Run the model once on ``x`` and return the features ``spec`` asks for.
+
+    ``x`` is validated and moved to the model's device/dtype unless ``validated`` is true.
+    With ``spec.views``, the transformed copies are concatenated to the batch (one forward
+    pass) and their features returned under ``"<view>|<key>"``; ``index`` (global sample
+    positions, default ``arange(B)``) is passed to the view functions.
+    """
+    model = adapter.model
+    if not validated:
+        x = prepare_input(x, adapter, model)
+    adapter.ensure_resolved(x)
+    if not validated and adapter.in_chans is not None and x.shape[1] != adapter.in_chans:
+        prepare_input(x, adapter, model)  # raises the channel error now that the adapter knows
+    if spec.views:
+        if spec.backward is not None:
+            raise ValueError("input views cannot be combined with a backward pass")
+        views = sorted(spec.views)
+        for v in views:
+            if v not in _VIEWS:
+                raise ValueError(f"unknown input view {v!r}; registered: {sorted(_VIEWS)}")
+        idx = index if index is not None else torch.arange(x.shape[0])
+        batch = torch.cat([x] + [_VIEWS[v](x, idx).to(x.dtype) for v in views])
+        inner = CaptureSpec(spec.logits, spec.penultimate, spec.blocks, spec.input, None)
+        allf = capture(adapter, batch, inner, validated=True)
+        b = x.shape[0]
+        out = Features({k: t[:b] for k, t in allf.items()})
+        for i, v in enumerate(views, start=1):
+            for k, t in allf.items():
+                out[view_key(v, k)] = t[i * b : (i + 1) * b]
+        return out
+    modules = adapter._modules
+    call = _Call()
+    handles: list = []
+    store = call.store
+    bw = spec.backward
+    need_grad = bw is not None
+
+    head_name = adapter.head_name if spec.needs_head else None
+    blocks_by_name: dict[str, list[str]] = {}
+    for name, red in spec.blocks:
+        blocks_by_name.setdefault(name, []).append(red)
+    infos = {name: adapter.block(name) for name in blocks_by_name}
+
+    def owner() -> bool:
+        return _ACTIVE.get() is call
+
+    try:
+        if head_name is not None:
+
+            def head_pre(module: nn.Module, args: tuple) -> None:
+                if owner():
+                    store["penultimate"] = args[0].flatten(1)
+
+            handles.append(modules[head_name].register_forward_pre_hook(head_pre))
+
+        for name, reds in blocks_by_name.items():
+            info = infos[name]
+
+            def block_hook(module, args, out, _name=name, _reds=tuple(reds), _info=info):
+                if not owner():
+                    return
+                if not isinstance(out, torch.Tensor):
+                    raise AdapterError(f"block {_name!r} returned {type(out).__name__}, not a tensor")
+                for r in _reds:
+                    t = reduce_block(out, _info, r)
+                    store[block_key(_name, r)] = t
+
+            handles.append(modules[name].register_forward_hook(block_hook))
+
+        if bw is not None:
+            for name, fn in bw.layers.items():
+
+                def layer_hook(module, args, out, _name=name, _fn=fn):
+                    if not owner() or not isinstance(out, torch.Tensor) or not out.requires_grad:
+                        return
+                    inp = _first_tensor(args)
+
+                    def grad_hook(g, _name=_name, _fn=_fn, _module=module, _inp=inp):
+                        res = _fn(_module, _inp, g)
+                        for k, v in res.items():
+                            prev = store.get(k)
+                            store[k] = v if prev is None else prev + v
+
+                    out.register_hook(grad_hook)
+
+                handles.append(modules[name].register_forward_hook(layer_hook))
+
+        token = _ACTIVE.set(call)
+        try:
+            with eval_mode(model):
+                if need_grad:
+                    xin = x.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = _forward(model, xin)
+                        obj = bw.objective(out)
+                        if obj.ndim != 1 or obj.shape[0] != x.shape[0]:
+                            raise ValueError("backward objective must return one scalar per sample")
+                        (gx,) = torch.autograd.grad(obj.sum(), xin)
+                    if bw.input_grad:
+                        store["input_grad"] = gx.detach()
+                else:
+                    with torch.no_grad():
+                        out = _forward(model, x)
+        finally:
+            _ACTIVE.reset(token)
+    finally:
+        for h in handles:
+            h.remove()
+
+    feats = Features()
+    if spec.logits:
+        feats["logits"] = out.detach().float()
+    if spec.penultimate:
+        if "penultimate" not in store:
+            raise AdapterError(f"the head {head_name!r} did not run during the forward pass")
+        feats["penultimate"] = store.pop("penultimate").detach().float()
+    for name, red in spec.blocks:
+        k = block_key(name, red)
+        if k not in store:
+            raise AdapterError(f"block {name!r} did not run during the forward pass")
+        feats[k] = store.pop(k).detach()
+    for k, v in store.items():
+        feats[k] = v.detach()
+    if spec.input:
+        feats["input"] = x.detach()
+    return feats
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    try:
+        out = model(x)
+    except (InputError, AdapterError):
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with context at the API boundary
+        raise InputError(
+            f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): "
+            f"{type(e).__name__}: {e}. Check the image size, channel count and preprocessing the "
+            "model expects (e.g. ViTs need their fixed input size)."
+        ) from e
+    return model_output_tensor(out)
