@@ -83,3 +83,55 @@ def preprocess(model: nn.Module) -> Callable:
 
     cfg = timm.data.resolve_data_config({}, model=model)
     return timm.data.create_transform(**cfg, is_training=False)
+
+
+class ConvBlock(nn.Module):
+    """conv3x3-BN-ReLU x2 with a residual 1x1 projection when the width changes."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.bn1(self.conv1(x)))
+        return self.act(self.bn2(self.conv2(h)) + self.skip(x))
+
+
+class SmallCNN(nn.Module):
+    """A small residual CNN for 28-32 px images (the embedded benchmark's model).
+
+    Input ``[B, in_chans, H, W]`` in ``[0, 1]`` (normalised inside: ``(x - 0.5) / 0.5``). Four
+    blocks (``blocks.0`` ... ``blocks.3``) at widths w, 2w, 2w, 4w with max-pooling after blocks 0
+    and 2, global average pooling, and a linear head ``fc`` on ``4w`` features.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.blocks = nn.Sequential(
+            ConvBlock(w, w), ConvBlock(w, 2 * w), ConvBlock(2 * w, 2 * w), ConvBlock(2 * w, 4 * w)
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * w, num_classes)
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem((x - 0.5) / 0.5)
+        x = self.pool(self.blocks[0](x))
+        x = self.blocks[1](x)
+        x = self.pool(self.blocks[2](x))
+        return self.blocks[3](x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x).mean((2, 3)))
+
+
+def small_cnn(num_classes: int = 10, in_chans: int = 1, width: int = 32) -> SmallCNN:
+    """The embedded default architecture (random init); see :class:`SmallCNN`."""
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width)

@@ -1,3 +1,11 @@
-"""Import every built-in detector module so that each registers itself."""
+"""Import every built-in detector module so that each registers itself (one module per line)."""
 
-from . import logits, norms  # noqa: F401
+import importlib
+
+_MODULES = (
+    "logits",
+    "norms",
+)
+
+for _name in _MODULES:
+    importlib.import_module(f"{__package__}.{_name}")
