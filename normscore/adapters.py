@@ -419,6 +419,9 @@ class Adapter:
         res: _ProbeResult,
     ) -> tuple[str | None, bool, str]:
         def is_logits(name: str) -> bool:
+            """The model output must *be* the head output (or a view of its storage, e.g. a
+            flatten after a 1x1 conv). Equal values are not enough: a ReLU after the layer can
+            leave one probe sample unchanged (squeezenet at small inputs)."""
             t = outputs.get(name)
             if t is None:
                 return False
@@ -426,7 +429,14 @@ class Adapter:
                 return True
             if t.numel() != out.numel():
                 return False
-            return bool(torch.allclose(t.reshape(out.shape).float(), out.float(), rtol=1e-5, atol=1e-6))
+            same = t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+            if same or self._user_head == name:
+                return (
+                    bool(torch.equal(t.reshape(out.shape), out))
+                    if same
+                    else bool(torch.allclose(t.reshape(out.shape).float(), out.float(), rtol=1e-5, atol=1e-6))
+                )
+            return False
 
         def pooled_input(name: str) -> bool:
             shp = res.in_shapes.get(name, ())

@@ -115,6 +115,18 @@ def test_squeezenet_has_no_head_but_logit_detectors_work():
         normscore.create("penultimate_norm").attach(model).score(x)
 
 
+def test_squeezenet_at_small_input_is_still_headless():
+    """At 32 px squeezenet's conv classifier outputs 1x1 maps; a ReLU then pooling follows, so
+    the conv output is not the logits even when one probe sample happens to be positive."""
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_0(num_classes=5).eval()
+    with torch.no_grad():
+        model.classifier[1].bias.fill_(5.0)  # all-positive conv outputs: values equal after ReLU
+    a = Adapter(model)
+    a.ensure_resolved(torch.randn(1, 3, 32, 32))
+    assert not a.has_head
+
+
 def test_user_override_of_head_and_blocks():
     model = build("timm", "resnet18", {})
     a = Adapter(model, head="fc", blocks=["layer3", "layer4"])

@@ -5,6 +5,7 @@ import importlib
 _MODULES = (
     "logits",
     "norms",
+    "fusion",
 )
 
 for _name in _MODULES:
