@@ -7,6 +7,7 @@ import timm
 import torch
 import torchvision
 from helpers import TinyCNN, assert_unchanged, make_loader, snapshot
+from zoo_helpers import SMALL_DATA_HPARAMS, ZOO, sign_scenario
 
 import normscore
 from normscore.errors import ConfigError, InputError, InputTypeError, NotFittedError
@@ -67,6 +68,13 @@ def test_sign_convention_higher_is_more_in_distribution():
             assert hi.item() > lo.item(), name
         elif name == "penultimate_norm":
             assert det.score_features(Features(penultimate=big)) > det.score_features(Features(penultimate=small))
+    # the zoo: fitted on a clear-cut problem (ID = confident class clusters, OOD = low-confidence
+    # noise near the origin), ID must score higher (AUROC > 0.9) for every detector
+    model, fit_loader, id_x, ood_x = sign_scenario()
+    for name in ZOO:
+        det = normscore.create(name, **SMALL_DATA_HPARAMS.get(name, {})).fit(model, fit_loader)
+        auroc = normscore.metrics.auroc(det.score(id_x), det.score(ood_x))
+        assert auroc > 0.9, (name, auroc)
 
 
 @pytest.mark.parametrize("name", FOUNDATION)
@@ -104,7 +112,7 @@ def test_every_detector_leaves_the_model_unchanged(arch):
     loader = make_loader(n=20, batch=10, size=size, classes=5)
     x = torch.randn(4, 3, size, size)
     for name in normscore.list_detectors():
-        det = normscore.create(name).fit(model, loader)
+        det = normscore.create(name, **SMALL_DATA_HPARAMS.get(name, {})).fit(model, loader)
         det.score(x)
         det.predict(x)
         with pytest.raises(InputError):
