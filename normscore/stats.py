@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ClassMoments", "RunningMoments", "all_reduce_sum", "distributed_active"]
+__all__ = ["ClassMoments", "RunningMoments", "all_gather_cat", "all_reduce_sum", "distributed_active"]
 
 
 def distributed_active() -> bool:
@@ -30,6 +30,29 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
         return
     for t in tensors:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` (``[n_rank, ...]``, sizes may differ) from all ranks in rank order."""
+    if not distributed_active():
+        return t
+    world = torch.distributed.get_world_size()
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    torch.distributed.all_gather(sizes, n)
+    m = int(max(int(s) for s in sizes))
+    pad = torch.zeros((m - t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    buf = [torch.empty((m, *t.shape[1:]), dtype=t.dtype, device=t.device) for _ in range(world)]
+    torch.distributed.all_gather(buf, torch.cat([t, pad]).contiguous())
+    return torch.cat([b[: int(s)] for b, s in zip(buf, sizes)])
+
+
+def all_reduce_int(v: int) -> int:
+    if not distributed_active():
+        return v
+    t = torch.tensor([v], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from .._data import FitStream
 from ..adapters import Adapter, get_adapter
 from ..errors import ConfigError, InputError, NotFittedError, did_you_mean
+from ..stats import all_gather_cat, all_reduce_int
 from ..taps import CaptureSpec, Features, capture
 
 __all__ = [
@@ -643,12 +644,16 @@ def fit_detectors(
                 raise ConfigError(f"{d.name} cannot calibrate from cached features; use fit(model, loader).")
             spec = d.capture_spec(adapter, "score")
             calib = Features.cat(list(stream.features(spec, split="calibration")))
-        if calib.batch_size > 0:
-            d.decision_ = Decision.calibrate(d.score_features(calib), tpr)
+        local = d.score_features(calib) if calib.batch_size > 0 else torch.empty(0)
+        gathered = all_gather_cat(local.float().cpu())  # every rank's held-out scores
+        if gathered.numel() > 0:
+            d.decision_ = Decision.calibrate(gathered, tpr)
     for d in fitfree:
-        if free_scores[id(d)]:
-            d.decision_ = Decision.calibrate(torch.cat(free_scores[id(d)]), tpr)
-    total = int(stream.n_seen or 0) if stream is not None else n_seen
+        local = torch.cat(free_scores[id(d)]).float().cpu() if free_scores[id(d)] else torch.empty(0)
+        gathered = all_gather_cat(local)
+        if gathered.numel() > 0:
+            d.decision_ = Decision.calibrate(gathered, tpr)
+    total = all_reduce_int(int(stream.n_seen or 0) if stream is not None else n_seen)
     for d in dets:
         d.n_fit_samples_ = total
         d.fitted_ = True
