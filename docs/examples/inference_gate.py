@@ -37,4 +37,6 @@ for name, stream in incoming:
             prediction = logits.argmax(1)[ok]
             accepted += int(ok.sum())
             total += len(x)
-    print(f"{name:14s} accepted {accepted}/{total} ({accepted / total:.0%}), e.g. predictions {prediction[:5].tolist()}")
+    print(
+        f"{name:14s} accepted {accepted}/{total} ({accepted / total:.0%}), e.g. predictions {prediction[:5].tolist()}"
+    )
