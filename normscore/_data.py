@@ -24,8 +24,26 @@ def unpack_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
     a dict with an image key (``image``, ``x``, ``input``, ``pixel_values``, ``img``) and
     optionally a label key (``label``, ``y``, ``target``, ``labels``).
     """
+    x, y, _ = unpack_batch_index(batch)
+    return x, y
+
+
+def unpack_batch_index(batch: object) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Like :func:`unpack_batch`, plus the optional ``"index"`` of a dict batch.
+
+    A dict batch may carry ``"index"``: the dataset position of each sample. normscore then uses
+    it (instead of the position in the stream) for the calibration hold-out and for seeded
+    input views such as the jigsaw, which makes a sharded ``torch.distributed`` fit select and
+    transform exactly the samples a single-process fit would.
+    """
+    if isinstance(batch, cabc.Mapping) and "index" in batch:
+        x, y, _ = unpack_batch_index({k: v for k, v in batch.items() if k != "index"})
+        idx = torch.as_tensor(batch["index"]).long().flatten()
+        if idx.shape[0] != x.shape[0]:
+            raise InputError(f"the batch's 'index' has {idx.shape[0]} entries for {x.shape[0]} images.")
+        return x, y, idx
     if isinstance(batch, torch.Tensor):
-        return batch, None
+        return batch, None, None
     if isinstance(batch, cabc.Mapping):
         x = next((batch[k] for k in _X_KEYS if k in batch), None)
         if x is None:
@@ -34,13 +52,13 @@ def unpack_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
                 f"images under one of {list(_X_KEYS)} and labels under one of {list(_Y_KEYS)}."
             )
         y = next((batch[k] for k in _Y_KEYS if k in batch), None)
-        return _check_x(x), _check_y(y, x)
+        return _check_x(x), _check_y(y, x), None
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputTypeError("the loader yielded an empty tuple/list; expected (x,) or (x, y).")
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
-        return _check_x(x), _check_y(y, x)
+        return _check_x(x), _check_y(y, x), None
     raise InputTypeError(
         f"the loader yielded a {type(batch).__name__}; expected a tensor, a tuple (x, y) or a dict "
         "with an 'image' key. Wrap your dataset so that it returns tensors (e.g. add "
@@ -142,10 +160,11 @@ class FitStream:
         bar = progress_bar(total=total, desc=self.desc, enabled=self.progress, unit="batch")
         try:
             for batch in self.loader:
-                x, y = unpack_batch(batch)
+                x, y, given_idx = unpack_batch_index(batch)
                 if self.max_samples is not None and seen + x.shape[0] > self.max_samples:
                     keep = self.max_samples - seen
                     x, y = x[:keep], (y[:keep] if y is not None else None)
+                    given_idx = given_idx[:keep] if given_idx is not None else None
                 if x.shape[0] == 0:
                     break
                 x = prepare_input(x, self.adapter if self.adapter.resolved else None, model)
@@ -155,7 +174,7 @@ class FitStream:
                     labelled = y is not None
                 elif labelled != (y is not None):
                     raise InputError("some batches of the loader have labels and others do not.")
-                idx = torch.arange(seen, seen + x.shape[0])
+                idx = given_idx if given_idx is not None else torch.arange(seen, seen + x.shape[0])
                 seen += x.shape[0]
                 bar.update(1)
                 yield Batch(x, y.to(x.device) if y is not None else None, idx)
@@ -208,6 +227,7 @@ class FitStream:
                 feats = capture(self.adapter, b.x, full, validated=True, index=b.index)
                 if b.y is not None:
                     feats["labels"] = b.y
+                feats["index"] = b.index.to(b.x.device)
                 calib_store.append(feats.select(cmask.to(b.x.device)))
                 if bool(sel.any()):
                     yield feats.select(sel.to(b.x.device))
@@ -217,6 +237,7 @@ class FitStream:
                 feats = capture(self.adapter, x, spec, validated=True, index=b.index[sel.cpu()])
                 if b.y is not None:
                     feats["labels"] = b.y[selx] if not bool(sel.all()) else b.y
+                feats["index"] = b.index[sel.cpu()].to(b.x.device)
                 yield feats
 
     def inputs(self, *, split: str = "fit") -> Iterator[Batch]:

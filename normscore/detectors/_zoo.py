@@ -12,13 +12,14 @@ Nothing here is public API. Two properties matter for every user of this module:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..stats import all_gather_cat, distributed_active
 
 #: Budget of the row samples (number of float values, i.e. rows x feature dimension): 2**22
 #: values (16 MB in float32). With 2048-d features this keeps 2048 rows, with 128-d features
@@ -33,6 +34,27 @@ def sample_rows_for(dim: int, values: int = SAMPLE_VALUES) -> int:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
+
+
+def hash_positions(pos: torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """:func:`hash_uniform` of arbitrary (global) positions ``pos`` (int64 ``[n]``)."""
+    p = pos.detach().cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = p + np.uint64(salt) * _M2 + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53))
+
+
+def feature_positions(feats: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
+    """Global positions of a fit batch: ``feats["index"]`` when the fit supplies it (always
+    inside ``fit``), else ``start .. start + B - 1``."""
+    idx = feats.get("index")
+    if idx is not None:
+        return idx.long()
+    n = next(iter(feats.values())).shape[0]
+    return torch.arange(start, start + n)
 
 
 def hash_uniform(start: int, n: int, salt: int = 0) -> torch.Tensor:
@@ -69,13 +91,17 @@ class RowSample:
         self._prio: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Add rows; ``positions`` are their global stream positions (default: a local counter)."""
         x = x.detach()
         n = x.shape[0]
         if n == 0:
             return
-        prio = hash_uniform(self.seen, n, self.salt).to(x.device)
-        pos = torch.arange(self.seen, self.seen + n, device=x.device)
+        if positions is None:
+            pos = torch.arange(self.seen, self.seen + n, device=x.device)
+        else:
+            pos = positions.to(device=x.device, dtype=torch.long)
+        prio = hash_positions(pos, self.salt).to(x.device)
         self.seen += n
         if self._rows is None:
             keep = min(n, self.capacity)
@@ -109,6 +135,18 @@ class RowSample:
         self._rows[leaving] = x[idx]
         self._prio[leaving] = prio[idx]
         self._pos[leaving] = pos[idx]
+
+    def all_gather(self) -> None:
+        """Merge the samples of every ``torch.distributed`` rank (no-op otherwise): the union's
+        ``capacity`` smallest priorities, i.e. the sample a single process would have kept."""
+        if not distributed_active():
+            return
+        if self._rows is None:
+            raise InputError("a rank saw no fit rows; give every rank at least one batch.")
+        assert self._prio is not None and self._pos is not None
+        rows, prio, pos = all_gather_cat(self._rows), all_gather_cat(self._prio), all_gather_cat(self._pos)
+        keep = torch.argsort(prio)[: self.capacity]
+        self._rows, self._prio, self._pos = rows[keep], prio[keep], pos[keep]
 
     def rows(self) -> torch.Tensor:
         """The kept rows in stream order."""

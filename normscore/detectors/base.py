@@ -613,7 +613,9 @@ def fit_detectors(
             n_seen += feats.batch_size
             cmask = ((index % stride) == (stride - 1)) if calibrating else torch.zeros_like(index, dtype=torch.bool)
             any_cal = bool(cmask.any())
-            dev_mask = cmask.to(next(iter(feats.values())).device) if any_cal else None
+            dev = next(iter(feats.values())).device
+            feats["index"] = index.to(dev)  # global sample positions (see _data.unpack_batch_index)
+            dev_mask = cmask.to(dev) if any_cal else None
             fit_feats = feats if not any_cal else feats.select(~dev_mask)
             for d in single:
                 if fit_feats.batch_size:

@@ -16,9 +16,17 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..knn import KNNBank
-from ..stats import ClassMoments, RunningMoments
+from ..stats import ClassMoments, RunningMoments, all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
 from ..taps import CaptureSpec, Features
-from ._zoo import LazyCache, RowSample, check_labels, hash_uniform, normalize_rows, sample_rows_for
+from ._zoo import (
+    LazyCache,
+    RowSample,
+    check_labels,
+    feature_positions,
+    hash_positions,
+    normalize_rows,
+    sample_rows_for,
+)
 from .base import Constraint, Detector, Interval, OneOf, register
 
 __all__ = ["FDBD", "KNN", "SHE", "Mahalanobis", "NNGuide", "RelativeMahalanobis", "ViM"]
@@ -196,14 +204,6 @@ class RelativeMahalanobis(_Gaussian):
 # neighbours
 
 
-def _select(h: torch.Tensor, start: int, alpha: float, salt: int) -> torch.Tensor:
-    """Rows of ``h`` kept by the deterministic ``alpha`` subsample (by stream position)."""
-    if alpha >= 1.0:
-        return h
-    u = hash_uniform(start, h.shape[0], salt).to(h.device)
-    return h[u < alpha]
-
-
 class _Bank(Detector):
     """Shared fit of the neighbour detectors: a bank of (a subsample of) fit rows."""
 
@@ -215,17 +215,27 @@ class _Bank(Detector):
 
     def _fit_begin(self, adapter) -> None:
         self._parts: list[torch.Tensor] = []
+        self._pos: list[torch.Tensor] = []
         self._seen = 0
 
     def _fit_update(self, feats: Features) -> None:
         rows = self._bank_rows(feats)
-        self._parts.append(_select(rows, self._seen, float(self.alpha), self._salt))
-        self._seen += rows.shape[0]
+        pos = feature_positions(feats, self._seen).to(rows.device)
+        if float(self.alpha) < 1.0:
+            keep = hash_positions(pos, self._salt).to(rows.device) < float(self.alpha)
+            rows, pos = rows[keep], pos[keep]
+        self._parts.append(rows)
+        self._pos.append(pos)
+        self._seen += feats.batch_size
 
     def _fit_end(self) -> None:
         bank = torch.cat(self._parts) if self._parts else torch.zeros(0, 0)
-        seen = self._seen
-        del self._parts, self._seen
+        pos = torch.cat(self._pos) if self._pos else torch.zeros(0, dtype=torch.long)
+        seen = all_reduce_int(self._seen)
+        if distributed_active():  # every rank's rows, in global position order
+            bank, pos = all_gather_cat(bank), all_gather_cat(pos)
+            bank = bank[torch.argsort(pos)]
+        del self._parts, self._pos, self._seen
         if bank.shape[0] < int(self.k):
             raise InputError(
                 f"{self.name}: the bank holds {bank.shape[0]} vectors (alpha={self.alpha} of {seen} fit "
@@ -439,13 +449,18 @@ class ViM(Detector):
             self._sample = RowSample(sample_rows_for(h.shape[1]), salt=4)
         self._moments.update(h)
         assert self._sample is not None
-        self._sample.add(h.float())
+        self._sample.add(h.float(), feature_positions(feats, self._sample.seen))
         self._maxlogit += float(feats.require("logits").double().amax(dim=1).sum())
 
     def _fit_end(self) -> None:
         m, sample = self._moments, self._sample
         if m is None or sample is None or m.n == 0:
             raise InputError("vim saw no fit samples.")
+        m.all_reduce()
+        sample.all_gather()
+        ml = torch.tensor([self._maxlogit], dtype=torch.float64)
+        all_reduce_sum(ml)
+        self._maxlogit = float(ml.item())
         w, b = self._adapter_fit.head_weight_bias()
         dev = m.mean.device
         u = -(torch.linalg.pinv(w.double()) @ b.double()).to(dev)
@@ -527,6 +542,7 @@ class SHE(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("she saw no fit samples.")
+        all_reduce_sum(self._sums, self._counts)
         self.patterns_ = (self._sums / self._counts.clamp_min(1)[:, None]).float()
         self.class_counts_ = self._counts.long()
         del self._sums, self._counts
@@ -577,6 +593,8 @@ class FDBD(Detector):
     def _fit_end(self) -> None:
         if self._sum is None or self._n == 0:
             raise InputError("fdbd saw no fit samples.")
+        all_reduce_sum(self._sum)
+        self._n = all_reduce_int(self._n)
         self.mean_ = self._sum / self._n
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
         del self._sum, self._n, self._adapter_fit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ..stats import all_reduce_sum
 from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
 from ._zoo import check_labels
 from .base import Detector, Interval, register
@@ -198,6 +199,7 @@ class TempScale(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("tempscale saw no fit samples.")
+        all_reduce_sum(self._sums)
         s = self._sums.cpu()
         betas = _TS_BETAS
         d1, d2 = s[1], s[2]
@@ -349,6 +351,7 @@ class KLM(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("klm saw no fit samples.")
+        all_reduce_sum(self._sums, self._counts)
         present = self._counts > 0
         t = self._sums / self._counts.clamp_min(1)[:, None]
         self.templates_ = t

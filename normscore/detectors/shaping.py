@@ -12,8 +12,17 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
+from ..stats import all_reduce_int, all_reduce_sum
 from ..taps import CaptureSpec, Features
-from ._zoo import LazyCache, RowSample, percentile_from_table, quantile_sorted, quantile_table, sample_rows_for
+from ._zoo import (
+    LazyCache,
+    RowSample,
+    feature_positions,
+    percentile_from_table,
+    quantile_sorted,
+    quantile_table,
+    sample_rows_for,
+)
 from .base import Detector, Interval, OneOf, register
 
 __all__ = ["ASH", "DICE", "SCALE", "ReAct"]
@@ -86,11 +95,12 @@ class ReAct(Detector):
         h = feats.require("penultimate").float()
         if self._sample is None:
             self._sample = RowSample(sample_rows_for(h.shape[1]), salt=1)
-        self._sample.add(h)
+        self._sample.add(h, feature_positions(feats, self._sample.seen))
 
     def _fit_end(self) -> None:
         if self._sample is None:
             raise InputError("react saw no fit samples.")
+        self._sample.all_gather()
         self.activation_quantiles_ = quantile_table(self._sample.rows())
         self.n_sampled_rows_ = int(self._sample.rows().shape[0])
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
@@ -232,6 +242,8 @@ class DICE(Detector):
     def _fit_end(self) -> None:
         if self._sum is None or self._n == 0:
             raise InputError("dice saw no fit samples.")
+        all_reduce_sum(self._sum)
+        self._n = all_reduce_int(self._n)
         self.mean_ = (self._sum / self._n).float()
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
         del self._sum, self._n, self._adapter_fit
