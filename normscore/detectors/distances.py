@@ -224,7 +224,7 @@ class _Bank(Detector):
         if float(self.alpha) < 1.0:
             keep = hash_positions(pos, self._salt).to(rows.device) < float(self.alpha)
             rows, pos = rows[keep], pos[keep]
-        self._parts.append(rows)
+        self._parts.append(rows.to(getattr(torch, getattr(self, "bank_dtype", "float32"))))
         self._pos.append(pos)
         self._seen += feats.batch_size
 
@@ -242,7 +242,7 @@ class _Bank(Detector):
                 f"samples) but k={self.k} neighbours are needed. Lower k (create({self.name!r}, k=...)), "
                 "raise alpha, or fit on more data."
             )
-        self.bank_ = bank
+        self.bank_ = bank.to(getattr(torch, getattr(self, "bank_dtype", "float32")))
         self.fit_alpha_ = float(self.alpha)
 
     def _check_bank(self) -> None:
@@ -281,15 +281,17 @@ class KNN(_Bank):
         "k": Interval(1, float("inf"), integer=True),
         "index": OneOf(("flat", "ivf")),
         "alpha": Interval(0.0, 1.0, closed="right"),
+        "bank_dtype": OneOf(("float32", "float16")),
     }
     search_space = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
     _salt = 2
 
-    def __init__(self, k: int = 50, index: str = "flat", alpha: float = 1.0) -> None:
+    def __init__(self, k: int = 50, index: str = "flat", alpha: float = 1.0, bank_dtype: str = "float32") -> None:
         super().__init__()
         self.k = k
         self.index = index
         self.alpha = alpha
+        self.bank_dtype = bank_dtype
         self._index_cache = LazyCache()
 
     def capture_spec(self, adapter, stage):
@@ -300,7 +302,7 @@ class KNN(_Bank):
 
     def _knn_bank(self) -> KNNBank:
         def build() -> KNNBank:
-            kb = KNNBank(normalize=True, index=self.index)
+            kb = KNNBank(normalize=True, index=self.index, storage_dtype=self.bank_.dtype)
             kb.set_bank(self.bank_)
             return kb
 
