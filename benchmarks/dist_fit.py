@@ -62,9 +62,10 @@ def model() -> torch.nn.Module:
     return small_cnn(width=8).eval()
 
 
-def fit_all(out: Path, tag: str, loader) -> None:
+def fit_all(out: Path, tag: str, loader, names: list[str]) -> None:
     m = model()
-    for name, hp in DETECTORS.items():
+    for name in names:
+        hp = DETECTORS[name]
         if name not in normscore.list_detectors():
             continue
         det = normscore.create(name, **hp).fit(m, loader)
@@ -82,7 +83,7 @@ def compare(out: Path) -> dict:
         _, b = loads(b_p.read_bytes())
         worst_abs = worst_rel = 0.0
 
-        def walk(x, y, path=""):
+        def walk(x, y, path="", name=name):
             nonlocal worst_abs, worst_rel
             if isinstance(x, torch.Tensor):
                 if x.dtype.is_floating_point:
@@ -95,11 +96,11 @@ def compare(out: Path) -> dict:
             elif isinstance(x, dict):
                 assert set(x) == set(y), (name, path, set(x) ^ set(y))
                 for k in x:
-                    walk(x[k], y[k], f"{path}/{k}")
+                    walk(x[k], y[k], f"{path}/{k}", name)
             elif isinstance(x, list):
                 assert len(x) == len(y), (name, path)
                 for i, (u, v) in enumerate(zip(x, y)):
-                    walk(u, v, f"{path}/{i}")
+                    walk(u, v, f"{path}/{i}", name)
             elif isinstance(x, float):
                 d = abs(x - y)
                 worst_abs = max(worst_abs, d)
@@ -117,20 +118,23 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--single", action="store_true")
     ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--detectors", default=",".join(DETECTORS), help="comma-separated subset")
+    ap.add_argument("--samples", type=int, default=384, help="number of fit images")
     args = ap.parse_args()
+    names = args.detectors.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     if args.compare:
         print(json.dumps(compare(out)))
         return
-    ds = Indexed()
+    ds = Indexed(args.samples)
     if args.single:
-        fit_all(out, "single", torch.utils.data.DataLoader(ds, batch_size=64))
+        fit_all(out, "single", torch.utils.data.DataLoader(ds, batch_size=64), names)
         return
     dist.init_process_group("gloo")
     sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=False)
-    fit_all(out, "dist", torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler))
+    fit_all(out, "dist", torch.utils.data.DataLoader(ds, batch_size=32, sampler=sampler), names)
     dist.barrier()
     dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":

@@ -162,6 +162,31 @@ def model_output_tensor(out: object) -> torch.Tensor:
     )
 
 
+def _expected_size(model: nn.Module) -> tuple[int, int] | None:
+    """The fixed input size of models that require one (timm/torchvision ViTs), else None."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "strict_img_size", False) and getattr(pe, "img_size", None):
+        s = pe.img_size
+        return (int(s[0]), int(s[1])) if isinstance(s, (tuple, list)) else (int(s), int(s))
+    s = getattr(model, "image_size", None)
+    if isinstance(s, int):
+        return (s, s)
+    return None
+
+
+def model_failure(model: nn.Module, x: torch.Tensor, e: Exception) -> InputError:
+    """The error raised when the model itself fails on an input (shape, size, channels)."""
+    size = _expected_size(_unwrap(model))
+    hint = (
+        f"This model needs {size[0]}x{size[1]} inputs (ViTs have a fixed input size); resize the images."
+        if size is not None and tuple(x.shape[-2:]) != size
+        else "Check the image size, channel count and preprocessing the model expects."
+    )
+    return InputError(
+        f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {type(e).__name__}: {e}. {hint}"
+    )
+
+
 def _first_tensor(args: tuple) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor):
@@ -395,11 +420,7 @@ class Adapter:
                 except AdapterError:
                     raise
                 except Exception as e:  # noqa: BLE001
-                    raise InputError(
-                        f"the model failed on an input of shape {tuple(x.shape)} and dtype "
-                        f"{x.dtype}: {type(e).__name__}: {e}. Check the input size, channel count "
-                        "and preprocessing the model expects."
-                    ) from e
+                    raise model_failure(model, x, e) from e
         finally:
             for h in handles:
                 h.remove()

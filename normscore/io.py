@@ -115,6 +115,14 @@ def dumps(kind: str, state: dict[str, Any]) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
+def _parse_header(raw: bytes) -> dict | None:
+    try:
+        h = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return h if isinstance(h, dict) else None
+
+
 def loads(data: bytes, source: str = "<bytes>") -> tuple[str, dict[str, Any]]:
     if not data.startswith(MAGIC):
         if data[:1] == b"\x80" or data[:2] == b"PK":
@@ -130,25 +138,25 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[str, dict[str, Any]]:
     if start + hlen + 32 > len(data):
         raise FormatError(f"{source} is truncated: the header says {hlen} bytes, the file is shorter.")
     body, digest = data[:-32], data[-32:]
+    header = _parse_header(data[start : start + hlen])
     try:
-        header = json.loads(data[start : start + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{source} has a corrupt header ({e}); the file is damaged or was modified.") from None
-    if not isinstance(header, dict) or "format_version" not in header:
-        raise FormatError(f"{source} has no format version; it is not a normscore file.")
+        expected = start + hlen + int(header["data_nbytes"]) if header is not None else None
+    except (KeyError, TypeError, ValueError):
+        expected = None
+    if expected is not None and expected != len(body):
+        raise FormatError(
+            f"{source} is truncated or has trailing data: expected {expected + 32} bytes, found {len(data)}."
+        )
+    if hashlib.sha256(body).digest() != digest:
+        raise FormatError(f"{source} failed its checksum: the file was modified or damaged after saving.")
+    if header is None or "format_version" not in header:
+        raise FormatError(f"{source} has no valid header; it is not a normscore file.")
     fv = header["format_version"]
     if not isinstance(fv, int) or fv > FORMAT_VERSION:
         raise FormatError(
             f"{source} was written with format version {fv} (normscore {header.get('normscore_version')}); "
             f"this normscore {__version__} reads format <= {FORMAT_VERSION}. Upgrade normscore."
         )
-    expected = start + hlen + int(header.get("data_nbytes", -1))
-    if expected != len(body):
-        raise FormatError(
-            f"{source} is truncated or has trailing data: expected {expected + 32} bytes, found {len(data)}."
-        )
-    if hashlib.sha256(body).digest() != digest:
-        raise FormatError(f"{source} failed its checksum: the file was modified or damaged after saving.")
     blob = memoryview(data)[start + hlen : start + hlen + header["data_nbytes"]]
     tensors: dict[str, torch.Tensor] = {}
     for k, m in header["tensors"].items():

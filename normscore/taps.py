@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import Adapter, BlockInfo, model_output_tensor
+from .adapters import Adapter, BlockInfo, model_failure, model_output_tensor
 from .errors import AdapterError, InputError, InputTypeError
 
 __all__ = [
@@ -463,9 +463,5 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except (InputError, AdapterError):
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with context at the API boundary
-        raise InputError(
-            f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): "
-            f"{type(e).__name__}: {e}. Check the image size, channel count and preprocessing the "
-            "model expects (e.g. ViTs need their fixed input size)."
-        ) from e
+        raise model_failure(model, x, e) from e
     return model_output_tensor(out)

@@ -319,6 +319,8 @@ class Detector(metaclass=_DetectorMeta):
         max_samples: stop after this many samples.
         progress: show a progress bar.
         """
+        if not 0.0 < tpr <= 1.0:
+            raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
         self.attach(model, adapter)
         stream = FitStream(
             self.adapter,

@@ -87,6 +87,8 @@ class DetectorSet:
         progress: bool = False,
     ) -> DetectorSet:
         """Fit every detector from shared passes (same arguments as :meth:`Detector.fit`)."""
+        if not 0.0 < tpr <= 1.0:
+            raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
         self.attach(model, adapter)
         assert self._adapter is not None
         stream = FitStream(
