@@ -34,6 +34,7 @@ from .adapters import Adapter, BlockInfo, model_failure, model_output_tensor
 from .errors import AdapterError, InputError, InputTypeError
 
 __all__ = [
+    "ALL_BLOCKS",
     "BackwardSpec",
     "CaptureSpec",
     "Features",
@@ -113,9 +114,18 @@ class BackwardSpec:
     key: str = "default"  # identifies the objective when specs are merged
 
 
+#: block name that stands for every candidate block of the adapter (expanded in :func:`capture`,
+#: so a spec can ask for all blocks before the adapter has seen an input)
+ALL_BLOCKS = "*"
+
+
 @dataclass(frozen=True)
 class CaptureSpec:
-    """What one model pass must capture. Specs of several detectors merge with ``|``."""
+    """What one model pass must capture. Specs of several detectors merge with ``|``.
+
+    ``blocks`` holds ``(block name, reduction)`` pairs; the name :data:`ALL_BLOCKS` (``"*"``)
+    means every candidate block of the adapter.
+    """
 
     logits: bool = True
     penultimate: bool = False
@@ -360,8 +370,9 @@ def capture(
     need_grad = bw is not None
 
     head_name = adapter.head_name if spec.needs_head else None
+    block_pairs = _expand_blocks(adapter, spec.blocks)
     blocks_by_name: dict[str, list[str]] = {}
-    for name, red in spec.blocks:
+    for name, red in block_pairs:
         blocks_by_name.setdefault(name, []).append(red)
     infos = {name: adapter.block(name) for name in blocks_by_name}
 
@@ -438,7 +449,7 @@ def capture(
         if "penultimate" not in store:
             raise AdapterError(f"the head {head_name!r} did not run during the forward pass")
         feats["penultimate"] = store.pop("penultimate").detach().float()
-    for name, red in spec.blocks:
+    for name, red in block_pairs:
         k = block_key(name, red)
         if k not in store:
             raise AdapterError(f"block {name!r} did not run during the forward pass")
@@ -448,6 +459,14 @@ def capture(
     if spec.input:
         feats["input"] = x.detach()
     return feats
+
+
+def _expand_blocks(adapter: Adapter, pairs: frozenset[tuple[str, str]]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for name, red in pairs:
+        names = adapter.block_names if name == ALL_BLOCKS else [name]
+        out.extend((n, red) for n in names if (n, red) not in out)
+    return out
 
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:

@@ -15,6 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "dist_fit.py"
 DETECTORS = "mahalanobis,vim,knn,react,featurenorm,ldg"
+# Statistics are float64 sums all-reduced over ranks: equal up to float64 rounding. LDG's state is
+# built from float32 per-sample gradients, and a float32 backward pass rounds differently at batch
+# size 32 (sharded) than at 64 (single process): equal up to float32 rounding.
+TOLERANCE = {"ldg": 1e-4}
 
 
 def _free_port() -> int:
@@ -39,4 +43,4 @@ def test_torchrun_fit_equals_single_process(tmp_path):
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(report) == set(DETECTORS.split(","))
     for name, diff in report.items():
-        assert diff["max_rel_diff"] <= 1e-6, (name, diff)
+        assert diff["max_rel_diff"] <= TOLERANCE.get(name, 1e-6), (name, diff)

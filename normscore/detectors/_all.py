@@ -5,6 +5,8 @@ import importlib
 _MODULES = (
     "logits",
     "norms",
+    "featurenorm",
+    "gradients",
     "shaping",
     "distances",
     "fusion",

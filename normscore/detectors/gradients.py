@@ -1,0 +1,665 @@
+"""Gradient scores: GradNorm (closed form, no backward pass) and low-dimensional gradients (LDG)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._data import Batch, FitStream
+from ..errors import ConfigError, InputError, NotFittedError
+from ..knn import KNNBank
+from ..persample import (
+    ExactGradients,
+    KroneckerSketch,
+    LayerMap,
+    SketchShape,
+    StreamedOperator,
+    plan_sketch,
+    randomized_subspace,
+    resolve_layers,
+    slots_from_names,
+)
+from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
+from ..taps import CaptureSpec, Features, capture
+from .base import Constraint, Detector, Interval, OneOf, register
+
+__all__ = ["LDG", "GradNorm"]
+
+
+# ---------------------------------------------------------------------------------------------
+# GradNorm
+
+
+@register
+class GradNorm(Detector):
+    """GradNorm in closed form (Huang, Geng & Li, NeurIPS 2021, arXiv:2110.00218).
+
+    GradNorm is the L1 norm of the gradient, with respect to the last-layer weights ``W``, of
+    the cross-entropy between ``softmax(z / T)`` and the uniform distribution. With
+    ``z = W h + b``: ``dL/dW = ((p - 1/C) / T) h^T``, so the L1 norm of that outer product is::
+
+        GradNorm(x) = || softmax(z/T) - 1/C ||_1 * || h ||_1 / T        (higher = more ID)
+
+    computed from the logits and the penultimate features: no backward pass, and it works on
+    cached features. The official code uses a target of all ones (``C`` times our uniform
+    target), which scales every score by ``C`` and leaves rankings unchanged.
+    """
+
+    name = "gradnorm"
+    paper = "Huang et al., NeurIPS 2021, arXiv:2110.00218"
+    formula = "||softmax(z/T) - 1/C||_1 * ||h||_1 / T"
+    constraints = {"temperature": Interval(0.0, math.inf, closed="neither")}
+    search_space = {"temperature": [0.5, 1.0, 2.0, 5.0]}
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def capture_spec(self, adapter, stage):
+        return CaptureSpec(logits=True, penultimate=True)
+
+    def score_features(self, feats: Features) -> torch.Tensor:
+        z = feats.require("logits").float()
+        h = feats.require("penultimate").float()
+        t = float(self.temperature)
+        p = torch.softmax(z / t, dim=1)
+        return (p - 1.0 / z.shape[1]).abs().sum(1) * h.abs().sum(1) / t
+
+
+# ---------------------------------------------------------------------------------------------
+# LDG
+
+
+class _ParamSpec(Constraint):
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, str) and value in ("all", "head"):
+            return
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+            return
+        raise ConfigError(
+            f"hyperparameter {name}={value!r} must be 'all', 'head', an int k >= 1 (the last k blocks "
+            "and the head) or a non-empty list of module names."
+        )
+
+
+_DENSE_MAX_DIM = 2048
+_FP_TOL = 1e-4
+
+
+def _zero_variance(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Coordinates whose ID gradient is constant (up to float32 rounding of the mean)."""
+    return var <= (1e-6 * mean.abs()) ** 2 + 1e-36
+
+
+class _Pass:
+    """Deterministic, capped passes over the fit split, with an order check between passes."""
+
+    def __init__(self, stream: FitStream, cap: int | None) -> None:
+        self.stream = stream
+        self.cap = cap
+        self.fingerprint: torch.Tensor | None = None
+
+    def batches(self) -> Iterator[tuple[int, Batch]]:
+        seen = 0
+        for b in self.stream.inputs(split="fit"):
+            if self.cap is not None and seen >= self.cap:
+                break
+            if self.cap is not None and seen + b.x.shape[0] > self.cap:
+                keep = self.cap - seen
+                b = Batch(b.x[:keep], b.y[:keep] if b.y is not None else None, b.index[:keep])
+            yield seen, b
+            seen += b.x.shape[0]
+
+    def check(self, row0: int, logits: torch.Tensor) -> None:
+        assert self.fingerprint is not None
+        f = torch.logsumexp(logits.double().cpu(), dim=1)
+        ref = self.fingerprint[row0 : row0 + f.shape[0]]
+        if ref.shape != f.shape or not torch.allclose(f, ref, rtol=_FP_TOL, atol=_FP_TOL):
+            raise InputError(
+                "ldg makes several passes over the fit loader and needs the same samples in the same "
+                "order every time, but this pass differs from the first one (is the loader shuffled or "
+                "randomly augmented?). Use a deterministic loader (shuffle=False, no random transforms)."
+            )
+
+
+class _GradOperator(StreamedOperator):
+    """``A = (G - 1 mu^T) diag(s)`` over the fit split: rows are NFK-normalised gradients."""
+
+    def __init__(
+        self,
+        lmap: LayerMap,
+        adapter,
+        passes: _Pass,
+        mean: torch.Tensor,
+        inv_std: torch.Tensor,
+        n: int,
+        n_local: int,
+        device: torch.device,
+    ) -> None:
+        self.lmap = lmap
+        self.adapter = adapter
+        self.passes = passes
+        self.mean = mean.float().to(device)
+        self.s = inv_std.float().to(device)
+        self.dim = lmap.dim
+        self.n = n  # all ranks
+        self.n_local = n_local  # rows of this rank
+        self.rows_distributed = distributed_active()
+        self.support = self.s > 0
+        self.max_rank = min(n - 1, int(self.support.sum()))  # centred rows
+        self._unscale = torch.where(self.support, 1.0 / self.s.clamp_min(1e-30), torch.zeros_like(self.s))
+
+    def _slices(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t[o : o + d] for o, d in zip(self.lmap.offsets, self.lmap.dims)]
+
+    def matmat(self, p: torch.Tensor) -> torch.Tensor:
+        p.mul_(self.s[:, None])
+        try:
+            mu_term = torch.zeros(p.shape[1], dtype=torch.float64, device=p.device)
+            for r in range(0, p.shape[0], 4096):
+                mu_term += (self.mean[r : r + 4096] @ p[r : r + 4096]).double()
+            mu_term = mu_term.cpu()
+            y = torch.empty(self.n_local, p.shape[1], dtype=torch.float64)
+            for row0, b in self.passes.batches():
+                spec = CaptureSpec(logits=True, backward=self.lmap.projection_spec(p, "y"))
+                f = capture(self.adapter, b.x, spec, validated=True)
+                self.passes.check(row0, f["logits"])
+                y[row0 : row0 + b.x.shape[0]] = f["y"].double().cpu() - mu_term
+        finally:
+            p.mul_(self._unscale[:, None])
+        return y
+
+    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        out.zero_()
+        views = self._slices(out)
+        yd = y.to(out.dtype)
+        rows = [0]
+
+        def consumer(i: int, r0: int, feats: torch.Tensor) -> None:
+            r = rows[0] + r0
+            views[i].addmm_(feats.t(), yd[r : r + feats.shape[0]].to(feats.device))
+
+        for row0, b in self.passes.batches():
+            rows[0] = row0
+            f = self.lmap.run(self.adapter, b.x, consumer)
+            self.passes.check(row0, f["logits"])
+        ysum = y.double().sum(0)
+        all_reduce_sum(out, ysum)
+        out.addr_(self.mean, ysum.to(out.device, out.dtype), alpha=-1.0)
+        out.mul_(self.s[:, None])
+
+
+def _update_diag(rm: RunningMoments, x: torch.Tensor) -> None:
+    """Merge a chunk's diagonal moments, computed in float32 (only the [d] vectors go to
+    float64), into ``rm`` - cheaper than ``rm.update`` for wide gradient chunks."""
+    nb = x.shape[0]
+    mb = x.mean(0)
+    m2b = ((x - mb) ** 2).sum(0)
+    part = RunningMoments(rm.dim, diagonal=True)
+    part.n, part.mean, part.m2 = nb, mb.double(), m2b.double()
+    rm.merge(part)
+
+
+def _canonical_signs(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each column so that its largest-magnitude entry is positive (eigenvectors are only
+    defined up to sign; this makes fits reproducible across solvers, shardings and runs)."""
+    idx = v.abs().argmax(dim=0)
+    sign = torch.sign(v.gather(0, idx[None, :]))[0]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return v * sign[None, :], sign
+
+
+class _Stats:
+    """Pass-1 consumer: NFK moments (dense covariance or per-layer diagonal) and class sums."""
+
+    def __init__(self, lmap, rm_full, rms, csum, onehot, bsz) -> None:
+        self.lmap, self.rm_full, self.rms, self.csum, self.onehot = lmap, rm_full, rms, csum, onehot
+        self.offs = lmap.offsets
+        self.phi = torch.zeros(bsz, lmap.dim) if rm_full is not None else None
+        self.bufs: dict[int, torch.Tensor] = {}
+        self.bsz = bsz
+
+    def __call__(self, i: int, r0: int, feats: torch.Tensor) -> None:
+        fc = feats.cpu()
+        o, d = self.offs[i], self.lmap.dims[i]
+        rows = slice(r0, r0 + fc.shape[0])
+        if self.phi is not None:
+            self.phi[rows, o : o + d] += fc
+        elif self.lmap.slots[i].calls > 1:  # shared layer: sum its calls before the moments
+            buf = self.bufs.get(i)
+            if buf is None:
+                buf = self.bufs[i] = torch.zeros(self.bsz, d)
+            buf[rows] += fc
+        else:
+            _update_diag(self.rms[i], fc)
+        if self.onehot is not None:
+            self.csum[o : o + d].addmm_(fc.t(), self.onehot[rows])
+
+    def finish(self) -> None:
+        for i, buf in self.bufs.items():
+            _update_diag(self.rms[i], buf)
+        if self.phi is not None:
+            self.rm_full.update(self.phi)
+
+
+def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
+    """BatchNorm1d(K) + Linear(K, C) trained with cross-entropy, as in the LDG code: 10 epochs,
+    SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 16. Seeded; the global RNG is not used."""
+    g = torch.Generator().manual_seed(int(seed))
+    x = x.float().cpu()
+    y = y.long().cpu()
+    n, k = x.shape
+    bound = 1.0 / math.sqrt(k)
+    w = ((torch.rand(num_classes, k, generator=g) * 2 - 1) * bound).requires_grad_(True)
+    b = ((torch.rand(num_classes, generator=g) * 2 - 1) * bound).requires_grad_(True)
+    gamma = torch.ones(k, requires_grad=True)
+    beta = torch.zeros(k, requires_grad=True)
+    rmean, rvar = torch.zeros(k), torch.ones(k)
+    opt = torch.optim.SGD([gamma, beta, w, b], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    with torch.enable_grad():
+        for _ in range(10):
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, 16):
+                idx = perm[i : i + 16]
+                if idx.numel() < 2:
+                    continue
+                xb = F.batch_norm(x[idx], rmean, rvar, gamma, beta, training=True, momentum=0.1)
+                loss = F.cross_entropy(xb @ w.t() + b, y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return {
+        "bn_mean": rmean,
+        "bn_var": rvar,
+        "bn_weight": gamma.detach().clone(),
+        "bn_bias": beta.detach().clone(),
+        "weight": w.detach().clone(),
+        "bias": b.detach().clone(),
+    }
+
+
+@register
+class LDG(Detector):
+    """Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution
+    Detection", arXiv:2310.17163, TPAMI 2024).
+
+    With ``f(x) = logsumexp(z(x))`` (no label), ``g(x) = grad_theta f(x)`` per sample (model in
+    eval mode) and the NFK normalisation fitted on ID training data::
+
+        mu = mean_i g(x_i),   sigma^2 = mean_i (g(x_i) - mu)^2      (element-wise)
+        v(x) = (g(x) - mu) / sigma          (coordinates with zero ID variance are dropped)
+        G_low(x) = v(x)^T V  in R^K,   V = top-K principal directions of {v(x_i)}
+
+    The representation is computed as ``G_low(x) = <g(x), V/sigma> - <mu, V/sigma>`` from one
+    batched backward pass: every layer's per-sample gradient is formed in closed form from its
+    captured input and output gradient and multiplied by its rows of ``V/sigma`` at once
+    (:mod:`normscore.persample`). ``transform(x)`` returns ``G_low(x)``.
+
+    Scores (higher = more ID): ``"knn"`` (default) ``-||u - u_(k)||`` with ``u`` the
+    L2-normalised ``G_low`` and ``u_(k)`` its k-th nearest ID-train neighbour; ``"probe_msp"`` /
+    ``"probe_energy"``: a BatchNorm + Linear probe trained on ID-train ``G_low`` with labels,
+    then MSP / energy of its logits; ``"ensemble"``: the gradient KNN score plus the KNN score
+    of the L2-normalised penultimate features (forward + backward). The fit prepares every
+    scoring it can (the probe when the loader has labels; the penultimate bank when the model
+    has a linear head), so ``set_params(scoring=...)`` switches without refitting.
+
+    Hyperparameters
+    ---------------
+    n_components: K. ``None`` = ``min(200, N - 1, dim)`` (200 as in the paper, capped by the
+        number of fit samples ``N``); an explicit K larger than ``N`` or ``dim`` is an error.
+    params: parameter set: ``"all"`` (the paper), ``"head"``, int ``k`` (last ``k`` blocks and
+        what follows them), or a list of module names.
+    subspace: ``"pca"`` or ``"class_mean"`` (V = L2-normalised NFK-normalised class-mean
+        gradients, K = number of classes; needs labels; the paper's ImageNet variant).
+    method: ``"exact"`` or ``"sketch"`` (Kronecker-factored random projection of each layer's
+        gradient to ``sketch_dim`` dimensions in total; NFK statistics and PCA in that space).
+    solver: ``"dense"`` (covariance + eigh, one pass; used by ``"auto"`` when the feature
+        dimension is at most 2048) or ``"randomized"`` (streamed subspace iteration with
+        ``n_iter`` power iterations and ``oversample`` extra columns; ``2 n_iter + 2`` passes).
+    max_fit_samples: cap on the ID samples used (the paper: 50,000).
+    """
+
+    name = "ldg"
+    paper = "Wu et al., TPAMI 2024, arXiv:2310.17163"
+    formula = "KNN on G_low = ((grad_theta logsumexp(z) - mu)/sigma)^T V, V = top-K PCs of ID gradients"
+    needs_fit = True
+    needs_gradients = True
+    feature_only = False
+    constraints = {
+        "n_components": Interval(1, math.inf, integer=True, allow_none=True),
+        "params": _ParamSpec(),
+        "subspace": OneOf(("pca", "class_mean")),
+        "method": OneOf(("exact", "sketch")),
+        "scoring": OneOf(("knn", "probe_msp", "probe_energy", "ensemble")),
+        "k": Interval(1, math.inf, integer=True),
+        "n_iter": Interval(0, 100, integer=True),
+        "oversample": Interval(0, 10_000, integer=True),
+        "sketch_dim": Interval(1, math.inf, integer=True),
+        "solver": OneOf(("auto", "dense", "randomized")),
+        "max_fit_samples": Interval(1, math.inf, integer=True, allow_none=True),
+        "seed": Interval(0, 2**62, integer=True),
+    }
+
+    def __init__(
+        self,
+        n_components: int | None = None,
+        params: str | int | Sequence[str] = "all",
+        subspace: str = "pca",
+        method: str = "exact",
+        scoring: str = "knn",
+        k: int = 5,
+        n_iter: int = 3,
+        oversample: int = 10,
+        sketch_dim: int = 1024,
+        solver: str = "auto",
+        max_fit_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.n_components = n_components
+        self.params = list(params) if isinstance(params, tuple) else params
+        self.subspace = subspace
+        self.method = method
+        self.scoring = scoring
+        self.k = k
+        self.n_iter = n_iter
+        self.oversample = oversample
+        self.sketch_dim = sketch_dim
+        self.solver = solver
+        self.max_fit_samples = max_fit_samples
+        self.seed = seed
+        self._key = f"ldg_proj_{id(self):x}"
+        self._clear_cache()
+
+    # ------------------------------------------------------------------ caches
+    def _clear_cache(self) -> None:
+        self._lmap: LayerMap | None = None
+        self._knn_grad: KNNBank | None = None
+        self._knn_feat: KNNBank | None = None
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        # fresh allocations: BLAS results depend on memory alignment, and loaded tensors may be
+        # views into a file buffer; cloning makes scores after load bitwise equal to the originals
+        for k, v in list(vars(self).items()):
+            if k.endswith("_") and not k.startswith("_") and isinstance(v, torch.Tensor):
+                setattr(self, k, v.clone())
+        self._clear_cache()
+
+    def attach(self, model, adapter=None):
+        if self._model is not None and model is not self._model:
+            self._clear_cache()
+        return super().attach(model, adapter)
+
+    def _layer_map(self) -> LayerMap:
+        if self._lmap is None:
+            slots = slots_from_names(self.adapter, self.layer_names_)
+            if self.method == "sketch":
+                shapes = [SketchShape(*map(int, t)) for t in self.sketch_shapes_]
+                lmap: LayerMap = KroneckerSketch(slots, shapes, seed=int(self.seed))
+            else:
+                lmap = ExactGradients(slots)
+            if [int(d) for d in lmap.dims] != [int(d) for d in self.layer_sizes_]:
+                raise ConfigError(
+                    "the model's layers do not match the fitted LDG state (different parameter sizes); "
+                    "attach the model the detector was fitted on."
+                )
+            self._lmap = lmap
+        return self._lmap
+
+    # ------------------------------------------------------------------ specs
+    def capture_spec(self, adapter, stage):
+        if stage == "calibrate":
+            return None  # the projection needs the fitted subspace: one extra pass after fitting
+        if getattr(self, "components_", None) is None:
+            raise NotFittedError("ldg is not fitted yet. Call det.fit(model, id_loader) first.")
+        bw = self._layer_map().projection_spec(self.components_, self._key)
+        return CaptureSpec(logits=True, penultimate=self.scoring == "ensemble", backward=bw)
+
+    # ------------------------------------------------------------------ fit
+    def _fit(self, stream: FitStream, calib_store, calib_spec) -> None:
+        self._clear_cache()
+        adapter = stream.adapter
+        dev = next(iter(adapter.model.parameters()), torch.empty(0)).device
+        passes = _Pass(stream, self.max_fit_samples)
+        probe = self.scoring in ("probe_msp", "probe_energy")
+        need_labels = probe or self.subspace == "class_mean"
+        keep_feats = False  # the penultimate bank (ensemble), when the model has a linear head
+        labelled = None
+        lmap: LayerMap | None = None
+        dense = False
+        rm_full: RunningMoments | None = None
+        rms: list[RunningMoments] = []
+        csum: torch.Tensor | None = None
+        ccount: torch.Tensor | None = None
+        fps, labels, pens, positions = [], [], [], []
+        num_classes = 0
+
+        # ---- pass 1: NFK statistics (and class sums, labels, penultimate features)
+        for _, b in passes.batches():
+            if lmap is None:
+                lmap, res = self._build_map(adapter, b.x)
+                dense = self.subspace == "pca" and (
+                    self.solver == "dense" or (self.solver == "auto" and lmap.dim <= _DENSE_MAX_DIM)
+                )
+                if dense:
+                    rm_full = RunningMoments(lmap.dim)
+                else:
+                    rms = [RunningMoments(d, diagonal=True) for d in lmap.dims]
+                if self.subspace == "class_mean":
+                    num_classes = int(adapter.num_classes or 0)
+                    csum = torch.zeros(lmap.dim, num_classes)
+                    ccount = torch.zeros(num_classes, dtype=torch.float64)
+            if labelled is None:
+                labelled = b.y is not None
+                adapter.ensure_resolved(b.x)
+                keep_feats = adapter.has_head
+            if need_labels and b.y is None:
+                raise InputError(
+                    f"ldg with subspace={self.subspace!r} and scoring={self.scoring!r} needs class labels, but "
+                    "the loader yields none. Use a loader of (x, y) pairs of ID training data."
+                )
+            bsz = b.x.shape[0]
+            onehot = None
+            if csum is not None:
+                yl = b.y.cpu()
+                if int(yl.min()) < 0 or int(yl.max()) >= num_classes:
+                    raise InputError(f"labels must be in [0, {num_classes}) for subspace='class_mean'.")
+                onehot = F.one_hot(yl, num_classes).float()
+                ccount += onehot.double().sum(0)
+            acc = _Stats(lmap, rm_full, rms, csum, onehot, bsz)
+            f = lmap.run(adapter, b.x, acc, extra=CaptureSpec(logits=True, penultimate=keep_feats))
+            acc.finish()
+            fps.append(torch.logsumexp(f["logits"].double().cpu(), dim=1))
+            positions.append(b.index.cpu())
+            if labelled and b.y is not None:
+                labels.append(b.y.cpu())
+            if keep_feats:
+                pens.append(f["penultimate"].float().cpu())
+        if lmap is None:
+            raise InputError("ldg saw no fit samples; pass a loader with ID training data.")
+        passes.fingerprint = torch.cat(fps)
+        n_local = int(passes.fingerprint.shape[0])
+
+        if dense:
+            rm_full.all_reduce()
+            n = rm_full.n
+            mean, var = rm_full.mean, torch.diagonal(rm_full.m2) / max(n, 1)
+        else:
+            for r in rms:
+                r.all_reduce()
+            n = rms[0].n
+            mean = torch.cat([r.mean for r in rms])
+            var = torch.cat([r.m2 for r in rms]) / max(n, 1)
+        zero = _zero_variance(mean, var)
+        inv_std = torch.where(zero, torch.zeros_like(var), 1.0 / var.clamp_min(1e-300).sqrt())
+        n_support = int((~zero).sum())
+        if n_support == 0:
+            raise InputError("every gradient coordinate is constant over the ID fit samples; nothing to project.")
+
+        # ---- the subspace
+        bank = None
+        if self.subspace == "class_mean":
+            assert csum is not None and ccount is not None
+            all_reduce_sum(csum, ccount)
+            present = (ccount > 0).nonzero().flatten()
+            means = csum[:, present].double() / ccount[present][None, :]
+            v = (means - mean[:, None]) * inv_std[:, None]
+            v = v / v.norm(dim=0, keepdim=True).clamp_min(1e-30)
+            comps = v.float()
+            svals = torch.zeros(comps.shape[1], dtype=torch.float64)
+            self.classes_ = present.tolist()
+        else:
+            kk = self._n_components(n, lmap.dim, n_support)
+            if dense:
+                cov = rm_full.m2 / max(n, 1)
+                cov = cov * inv_std[:, None] * inv_std[None, :]
+                evals, evecs = torch.linalg.eigh(cov)
+                evals, evecs = evals.flip(0)[:kk].clamp_min(0), evecs.flip(1)[:, :kk]
+                comps = evecs.float()
+                svals = (evals * n).sqrt()
+            else:
+                op = _GradOperator(lmap, adapter, passes, mean, inv_std, n, n_local, dev)
+                comps, svals, ylow = randomized_subspace(
+                    op, kk, oversample=int(self.oversample), n_iter=int(self.n_iter), seed=int(self.seed), device=dev
+                )
+                bank = ylow.float()
+            comps, flip = _canonical_signs(comps)
+            if bank is not None:
+                bank = bank * flip.to(bank.device)
+        folded = (comps.to(dev) * inv_std.float().to(dev)[:, None]).contiguous()  # row-major: layer row blocks
+        mean32 = mean.float().to(dev)
+        offset = torch.zeros(folded.shape[1], dtype=torch.float64, device=dev)
+        for r in range(0, folded.shape[0], 4096):
+            offset += (mean32[r : r + 4096] @ folded[r : r + 4096]).double()
+        offset = offset.float()
+
+        self.layer_names_ = lmap.names
+        self.layer_sizes_ = [int(d) for d in lmap.dims]
+        if isinstance(lmap, KroneckerSketch):
+            self.sketch_shapes_ = [[sh.r_o, sh.r_i, sh.r_v] for sh in lmap.shapes]
+        self.excluded_parameters_ = sorted(res.excluded)
+        self.dim_ = int(lmap.dim)
+        self.solver_ = "class_mean" if self.subspace == "class_mean" else ("dense" if dense else "randomized")
+        self.n_components_ = int(comps.shape[1])
+        self.grad_mean_ = mean.float()
+        self.inv_std_ = inv_std.float()
+        self.components_ = folded
+        self.offset_ = offset
+        self.singular_values_ = svals.float()
+        self.explained_variance_ratio_ = (svals.double() ** 2 / max(n, 1) / n_support).float()
+        self.n_zero_variance_ = int(zero.sum())
+        self._lmap = lmap
+
+        # ---- the ID bank (exact projections of the fit samples)
+        if bank is None:
+            parts = []
+            bw_key = self._key
+            for row0, b in passes.batches():
+                f = capture(adapter, b.x, self.capture_spec(adapter, "score"), validated=True)
+                passes.check(row0, f["logits"])
+                parts.append((f[bw_key].float() - self.offset_).cpu())
+            bank = torch.cat(parts)
+        # under torch.distributed: every rank's fit samples, in global position order
+        order = torch.argsort(all_gather_cat(torch.cat(positions)))
+        bank = all_gather_cat(bank.cpu())[order]
+        if bank.shape[0] < int(self.k):
+            raise InputError(
+                f"k={self.k} nearest neighbours requested but only {bank.shape[0]} ID samples were fitted; "
+                "lower k or fit on more data."
+            )
+        self.bank_ = bank
+        if keep_feats:
+            self.feature_bank_ = all_gather_cat(torch.cat(pens))[order]
+        y = all_gather_cat(torch.cat(labels))[order] if labels else None
+        if y is not None and int(y.min()) >= 0:  # the probe is its own classifier over the labels given
+            ncls = max(int(adapter.num_classes or 0), int(y.max()) + 1)
+            for key, val in _train_probe(bank, y, ncls, int(self.seed)).items():
+                setattr(self, f"probe_{key}_", val)
+        self.to(dev)
+
+    def _n_components(self, n: int, dim: int, support: int) -> int:
+        if self.n_components is None:
+            return max(1, min(200, n - 1, dim, support))
+        kk = int(self.n_components)
+        if kk > n:
+            raise InputError(
+                f"ldg: n_components={kk} principal directions need at least {kk} ID samples, but only {n} were "
+                "fitted. Fit on more samples or lower n_components."
+            )
+        if kk > dim:
+            raise InputError(
+                f"ldg: n_components={kk} exceeds the dimension of the gradient representation ({dim}); lower it."
+            )
+        return kk
+
+    def _build_map(self, adapter, x1: torch.Tensor):
+        res = resolve_layers(adapter, self.params, x1)
+        if res.excluded and self.params == "all":
+            shown = ", ".join(sorted(res.excluded)[:5])
+            warnings.warn(
+                f"ldg: {len(res.excluded)} parameter tensors have no per-sample gradient in the layer engine and "
+                f"are left out (e.g. {shown}); see det.excluded_parameters_ and docs/seed-methods.md.",
+                stacklevel=4,
+            )
+        if self.method == "sketch":
+            shapes = plan_sketch(res.slots, int(self.sketch_dim))
+            return KroneckerSketch(res.slots, shapes, seed=int(self.seed)), res
+        return ExactGradients(res.slots), res
+
+    # ------------------------------------------------------------------ score
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """``G_low(x)`` ``[B, K]``: the NFK-normalised gradient projected on the ID subspace."""
+        self._check_fitted()
+        feats = capture(self.adapter, x, self.capture_spec(self.adapter, "score"))
+        return self._glow(feats)
+
+    def _glow(self, feats: Features) -> torch.Tensor:
+        return feats.require(self._key).float() - self.offset_.to(feats[self._key].device)
+
+    def _knn(self, which: str) -> KNNBank:
+        attr = "_knn_grad" if which == "grad" else "_knn_feat"
+        bank = getattr(self, attr)
+        if bank is None:
+            bank = KNNBank(normalize=True)
+            bank.add(self.bank_ if which == "grad" else self.feature_bank_)
+            bank.build()
+            setattr(self, attr, bank)
+        return bank
+
+    def score_features(self, feats: Features) -> torch.Tensor:
+        z = self._glow(feats)
+        k = int(self.k)
+        if self.scoring == "knn":
+            return -self._knn("grad").kth_distance(z, k)
+        if self.scoring == "ensemble":
+            if getattr(self, "feature_bank_", None) is None:
+                raise ConfigError(
+                    "scoring='ensemble' needs the penultimate features, but the model has no linear head."
+                )
+            h = feats.require("penultimate").float()
+            return -self._knn("grad").kth_distance(z, k) - self._knn("feat").kth_distance(h, k)
+        if getattr(self, "probe_weight_", None) is None:
+            raise ConfigError(
+                f"scoring={self.scoring!r} needs the linear probe, which is trained only when the fit loader "
+                "yields labels; refit with a labelled ID loader."
+            )
+        zz = F.batch_norm(
+            z,
+            self.probe_bn_mean_.to(z.device),
+            self.probe_bn_var_.to(z.device),
+            self.probe_bn_weight_.to(z.device),
+            self.probe_bn_bias_.to(z.device),
+            training=False,
+        )
+        logits = zz @ self.probe_weight_.to(z.device).t() + self.probe_bias_.to(z.device)
+        if self.scoring == "probe_msp":
+            return torch.softmax(logits, dim=1).amax(dim=1)
+        return torch.logsumexp(logits, dim=1)

@@ -1,0 +1,945 @@
+"""Per-sample parameter gradients from one batched backward pass, used layer by layer.
+
+The gradient engine behind LDG (Wu et al., arXiv:2310.17163). For a per-sample objective
+``f(x)`` (LDG: ``logsumexp`` of the logits) and a set of layers, one forward pass and one
+batched backward pass (:func:`normscore.taps.capture` with a :class:`~normscore.taps.BackwardSpec`;
+eval mode makes samples independent, so the gradient of ``sum_i f(x_i)`` gives every sample's
+own gradient) deliver, for each layer, its input ``a`` and output gradient ``d``. From them the
+layer's **per-sample** parameter gradient is formed in closed form, one layer (and, under a
+memory budget, one chunk of samples) at a time, and handed to a *consumer* (a projection
+``G_l @ V_l``, statistics, ``G_l^T Y``); a sample's full gradient vector is never held.
+
+Closed forms (``p`` runs over positions / tokens, ``B`` samples):
+
+* ``nn.Linear``: ``dW_i = sum_p d_ip a_ip^T``, ``db_i = sum_p d_ip`` (inputs ``[B, in]`` or
+  ``[B, ..., in]``; a leading dimension ``k*B`` - windows or heads merged sample-major, as in
+  timm's Swin - is folded back into positions);
+* ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, dilation, padding mode, groups incl. depthwise):
+  ``dW_i = sum_p d_ip unfold(a_i)_p^T`` per group (``F.unfold`` + batched GEMM),
+  ``db_i = sum_p d_ip``;
+* ``BatchNorm{1,2,3}d`` in eval mode with running statistics:
+  ``dgamma_i = sum_p d_ip * (a_ip - mu) / sqrt(var + eps)``, ``dbeta_i = sum_p d_ip``;
+* ``nn.LayerNorm`` / ``nn.GroupNorm``: the same with the per-sample (per-token / per-group)
+  normalisation;
+* any other **leaf** module with parameters (e.g. timm ``LayerScale``, ``PReLU``, timm's
+  channels-first ``LayerNorm2d``, subclasses that override ``forward``): a per-sample
+  vector-Jacobian product of that module alone (``torch.func.vmap`` of ``vjp`` on its own
+  forward, recomputed from the captured input). Exact, but slower than the closed forms.
+
+Projections ``G_l @ V_l`` of layers with one output position per sample (pooled linear heads,
+convolutions with 1x1 maps) skip the formation: ``<d a^T, V_k> = d^T V_k a`` is computed as
+``a @ V.view(out, in, K)`` contracted with ``d``.
+
+Not covered (reported by :func:`resolve_layers`, never silently zero): parameters owned by a
+module that has children (ViT ``cls_token`` / ``pos_embed``, ConvNeXt's block ``gamma``, Swin's
+relative position tables, ``nn.MultiheadAttention``'s packed projections) and parameters of
+modules that never run as modules during the forward pass (e.g. ``MultiheadAttention.out_proj``,
+whose weight is used functionally); BatchNorm without running statistics (it mixes samples).
+
+Two feature maps share this machinery:
+
+* :class:`ExactGradients` - ``phi(x) = grad_theta f(x)`` (dimension ``|theta|``).
+* :class:`KroneckerSketch` - a structured random projection that never forms the gradient:
+  for a weight ``dW = sum_p d_p a_p^T`` the sketch ``R_o^T dW R_i = sum_p (R_o^T d_p)(R_i^T a_p)^T``
+  costs ``O(P (out r_o + in r_i + r_o r_i))`` per sample (for convolutions ``R_i^T a_p`` is a
+  convolution of the input with ``r_i`` random filters, so the input is never unfolded);
+  vector parameters (biases, norm affines, generic modules) are projected with a dense
+  Gaussian matrix. ``E ||sketch||^2 = ||grad||^2``.
+
+Also here: :func:`randomized_subspace`, randomized subspace iteration (Halko, Martinsson &
+Tropp, SIAM Review 2011) on a *streamed* operator that only provides ``A @ P`` and
+``A^T @ Y`` passes, so the ``N x |theta|`` matrix is never materialised; orthonormalisation is
+done with float64 Gram matrices so sample-space Grams can be all-reduced under
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import Adapter
+from .errors import AdapterError, ConfigError, InputError
+from .stats import all_reduce_sum
+from .taps import BackwardSpec, CaptureSpec, Features, capture, eval_mode
+
+__all__ = [
+    "ExactGradients",
+    "KroneckerSketch",
+    "LayerMap",
+    "LayerSlot",
+    "logsumexp_objective",
+    "orthonormalize",
+    "randomized_subspace",
+    "resolve_layers",
+]
+
+#: elements (float32, 512 MB) a layer's per-sample work may hold at once before the batch is
+#: chunked. Larger chunks matter: each chunk's projection re-reads the layer's rows of ``V``.
+DEFAULT_CHUNK_ELEMS = 1 << 27
+
+
+def logsumexp_objective(logits: torch.Tensor) -> torch.Tensor:
+    """``f(x) = log sum_c exp(z_c)`` per sample (LDG's objective; no label involved)."""
+    return torch.logsumexp(logits, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# which layers, which parameters
+
+_BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """Closed-form kind of a module, ``"generic"`` for other leaves, ``None`` if unsupported."""
+    t = type(module)
+    if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Conv2d) and t.forward is nn.Conv2d.forward:
+        return "conv"
+    if isinstance(module, nn.Conv1d) and t.forward is nn.Conv1d.forward:
+        return "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if module.running_mean is None or module.running_var is None:
+            return None  # uses batch statistics even in eval mode: samples are not independent
+        if t.forward is _BN_FORWARD:
+            return "batchnorm"
+    if isinstance(module, nn.LayerNorm) and t.forward is nn.LayerNorm.forward:
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
+        return "groupnorm"
+    if next(module.children(), None) is None:
+        return "generic"
+    return None
+
+
+@dataclass
+class LayerSlot:
+    """One layer of a gradient map: its parameters' place in the concatenated vector."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    params: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    size: int
+    offset: int = 0
+    calls: int = 1
+
+    def param(self, p: str) -> torch.Tensor:
+        return getattr(self.module, p)
+
+
+def _direct_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None and p.is_floating_point()]
+
+
+def _slot(name: str, module: nn.Module, kind: str) -> LayerSlot:
+    if kind in ("linear", "conv", "batchnorm", "layernorm", "groupnorm"):
+        ps = [(n, getattr(module, n)) for n in ("weight", "bias") if getattr(module, n, None) is not None]
+    else:
+        ps = _direct_params(module)
+    shapes = tuple(tuple(p.shape) for _, p in ps)
+    return LayerSlot(name, module, kind, tuple(n for n, _ in ps), shapes, sum(p.numel() for _, p in ps))
+
+
+@dataclass
+class Resolution:
+    """Result of :func:`resolve_layers`."""
+
+    slots: list[LayerSlot]
+    excluded: dict[str, str] = field(default_factory=dict)  # parameter name -> reason
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+
+def _probe_calls(adapter: Adapter, x1: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
+    """Forward one sample with counting hooks: calls per module and the order of first entry."""
+    calls: dict[str, int] = {}
+    start: dict[str, int] = {}
+    handles = []
+    counter = [0]
+
+    def make(name: str):
+        def pre(module, args):
+            if name not in start:
+                start[name] = counter[0]
+                counter[0] += 1
+            calls[name] = calls.get(name, 0) + 1
+
+        return pre
+
+    model = adapter.model
+    try:
+        for name in adapter.module_names:
+            handles.append(adapter.module(name).register_forward_pre_hook(make(name)))
+        with eval_mode(model), torch.no_grad():
+            model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, start
+
+
+def _param_modules(adapter: Adapter) -> list[str]:
+    return [n for n in adapter.module_names if _direct_params(adapter.module(n))]
+
+
+def resolve_layers(adapter: Adapter, params: str | int | Sequence[str], x1: torch.Tensor) -> Resolution:
+    """Resolve a parameter-set spec to layer slots (in module order).
+
+    ``params``: ``"all"`` (every parameter of the model), ``"head"`` (the linear head), an int
+    ``k`` (the head plus every parameterised module that starts at or after the start of the
+    ``k``-th last candidate block, i.e. the last ``k`` blocks and whatever follows them), or a
+    list of module names (each with all its sub-modules). ``x1`` is one sample for a probe
+    forward pass (which modules run, how often, in which order).
+    """
+    calls, start = _probe_calls(adapter, x1[:1])
+    pmods = _param_modules(adapter)
+    if isinstance(params, str):
+        if params == "all":
+            chosen = pmods
+        elif params == "head":
+            chosen = [adapter.head_name]
+        else:
+            raise ConfigError(
+                f"params={params!r}: use 'all', 'head', an int k (last k blocks) or a list of module names."
+            )
+    elif isinstance(params, int) and not isinstance(params, bool):
+        blocks = adapter.block_names
+        if not 1 <= params <= len(blocks):
+            raise ConfigError(f"params={params}: the model has {len(blocks)} candidate blocks; use 1..{len(blocks)}.")
+        first = start.get(blocks[-params])
+        if first is None:
+            raise AdapterError(f"block {blocks[-params]!r} did not run in the probe forward pass.")
+        inside = tuple(b + "." for b in blocks[-params:])
+        chosen = [n for n in pmods if start.get(n, -1) >= first or n.startswith(inside)]
+    else:
+        prefixes = list(params)
+        if not prefixes:
+            raise ConfigError("params=[] selects no parameters.")
+        for p in prefixes:
+            adapter.module(p)  # raises AdapterError with a "did you mean" for unknown names
+        chosen = [n for n in pmods if any(n == p or n.startswith(p + ".") for p in prefixes)]
+    slots: list[LayerSlot] = []
+    excluded: dict[str, str] = {}
+    for name in chosen:
+        m = adapter.module(name)
+        kind = _layer_kind(m)
+        full = [f"{name}.{p}" for p, _ in _direct_params(m)]
+        if kind is None:
+            why = (
+                "BatchNorm without running statistics mixes samples"
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                else f"parameter owned by a composite module ({type(m).__name__}); its use is not observable per layer"
+            )
+            excluded.update(dict.fromkeys(full, why))
+            continue
+        if calls.get(name, 0) == 0:
+            excluded.update(
+                dict.fromkeys(full, f"{type(m).__name__} never runs as a module (weights used functionally or unused)")
+            )
+            continue
+        s = _slot(name, m, kind)
+        if s.size == 0:
+            continue
+        s.calls = calls[name]
+        slots.append(s)
+    if params == "all":
+        owned = {id(p) for n in pmods for _, p in _direct_params(adapter.module(n))}
+        for pname, p in adapter.model.named_parameters():
+            if id(p) not in owned and p.is_floating_point():
+                excluded[pname] = "owned by the model's root module (e.g. a class token or position embedding)"
+    if not slots:
+        raise ConfigError(f"params={params!r} selects no parameters whose per-sample gradient can be formed.")
+    off = 0
+    for s in slots:
+        s.offset = off
+        off += s.size
+    return Resolution(slots, excluded)
+
+
+def slots_from_names(adapter: Adapter, names: Sequence[str]) -> list[LayerSlot]:
+    """Rebuild slots from saved layer names (no probe pass; call counts default to 1)."""
+    slots = []
+    off = 0
+    for name in names:
+        m = adapter.module(name)
+        kind = _layer_kind(m)
+        if kind is None:
+            raise AdapterError(f"layer {name!r} ({type(m).__name__}) is not supported by the gradient engine.")
+        s = _slot(name, m, kind)
+        s.offset = off
+        off += s.size
+        slots.append(s)
+    return slots
+
+
+# ---------------------------------------------------------------------------------------------
+# closed-form per-sample gradients
+
+
+def _fold_rows(a: torch.Tensor, g: torch.Tensor, batch: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a sample-major merged leading dimension ``k * batch`` into positions."""
+    if a.shape[0] % batch == 0 and a.ndim >= 2:
+        return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+    raise AdapterError(
+        f"layer {name!r} received a leading dimension of {a.shape[0]} for a batch of {batch}; per-sample "
+        "gradients need the batch (optionally merged sample-major with windows/heads) in front. Exclude the "
+        "layer with params=[...]."
+    )
+
+
+def _conv_geometry(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, tuple, tuple, tuple, tuple]:
+    """Pre-pad ``a`` if needed and return it as 4-D with (kernel, dilation, padding, stride)."""
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        pad = (0,) * len(m.kernel_size)
+    else:
+        pad = tuple(m.padding)
+    k, d, s = tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+    if isinstance(m, nn.Conv1d):
+        return a.unsqueeze(2), (1, *k), (1, *d), (0, *pad), (1, *s)
+    return a, k, d, pad, s
+
+
+def _vec_grads(slot: LayerSlot, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients ``[b, size]`` of norm layers (closed form) and generic leaves (vmap)."""
+    m, kind, b = slot.module, slot.kind, a.shape[0]
+    if kind == "batchnorm":
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        xhat = (a - m.running_mean.float().view(shape)) * torch.rsqrt(m.running_var.float().view(shape) + m.eps)
+        red = tuple(range(2, a.ndim))
+        parts = {"weight": (g * xhat).sum(red) if red else g * xhat, "bias": g.sum(red) if red else g}
+    elif kind == "layernorm":
+        nd = len(m.normalized_shape)
+        dims = tuple(range(a.ndim - nd, a.ndim))
+        mu = a.mean(dims, keepdim=True)
+        var = a.var(dims, unbiased=False, keepdim=True)
+        xhat = (a - mu) * torch.rsqrt(var + m.eps)
+        red = tuple(range(1, a.ndim - nd))
+        parts = {
+            "weight": ((g * xhat).sum(red) if red else g * xhat).reshape(b, -1),
+            "bias": (g.sum(red) if red else g).reshape(b, -1),
+        }
+    elif kind == "groupnorm":
+        c = a.shape[1]
+        ag = a.reshape(b, m.num_groups, -1)
+        mu = ag.mean(2, keepdim=True)
+        var = ag.var(2, unbiased=False, keepdim=True)
+        xhat = ((ag - mu) * torch.rsqrt(var + m.eps)).reshape(a.shape)
+        red = tuple(range(2, a.ndim))
+        parts = {
+            "weight": (g * xhat).sum(red) if red else (g * xhat).reshape(b, c),
+            "bias": g.sum(red) if red else g.reshape(b, c),
+        }
+    else:
+        return _generic_grads(slot, a, g)
+    return _cat([parts[p].reshape(b, -1) for p in slot.params])
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _Forward(nn.Module):
+    """Calls ``module.forward`` directly, so hooks on ``module`` do not fire."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.m = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.forward(x)
+
+
+def _generic_grads(slot: LayerSlot, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    from torch.func import functional_call, vjp, vmap
+
+    wrapper = _Forward(slot.module)
+    dtype = next(iter(slot.param(p) for p in slot.params)).dtype
+    params = {f"m.{p}": slot.param(p).detach() for p in slot.params}
+    xa = a.to(dtype)
+    ga = g.to(dtype)
+
+    def one(pp, xi, gi):
+        out, fn = vjp(lambda q: functional_call(wrapper, q, (xi.unsqueeze(0),)), pp)
+        if not isinstance(out, torch.Tensor) or out.shape[1:] != gi.shape:
+            raise AdapterError(f"layer {slot.name!r}: re-running the module did not reproduce its output shape.")
+        return fn(gi.unsqueeze(0))[0]
+
+    with torch.enable_grad():
+        grads = vmap(one, in_dims=(None, 0, 0))(params, xa, ga)
+    b = a.shape[0]
+    return torch.cat([grads[f"m.{p}"].reshape(b, -1).float() for p in slot.params], dim=1)
+
+
+def _weight_grad(slot: LayerSlot, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(dW [b, out, in'], db [b, out])`` of a Linear or Conv layer (closed form)."""
+    m, b = slot.module, a.shape[0]
+    if slot.kind == "linear":
+        a2 = a.reshape(b, -1, a.shape[-1])
+        g2 = g.reshape(b, -1, g.shape[-1])
+        dw = torch.bmm(g2.transpose(1, 2), a2) if a2.shape[1] > 1 else g2[:, 0, :, None] * a2[:, 0, None, :]
+        return dw, g2.sum(1)
+    a4, k, d, pad, s = _conv_geometry(m, a)
+    grp = m.groups
+    g4 = g.reshape(b, m.out_channels, *([1] if isinstance(m, nn.Conv1d) else []), *g.shape[2:])
+    cin_g = m.in_channels // grp
+    ksz = math.prod(k)
+    pos = g4.shape[2] * g4.shape[3]
+    if ksz > 1 and (cin_g <= 4 or (pos >= 196 and (s == (1, 1) or ksz >= 25))):
+        dw = _weight_grad_conv(a4, g4, k, d, pad, s, grp)
+    else:
+        cols = F.unfold(a4, k, dilation=d, padding=pad, stride=s)  # [b, cin*k, P]
+        if g4.shape[2] * g4.shape[3] != cols.shape[2]:
+            raise AdapterError(f"layer {slot.name!r}: unfolded positions do not match the output.")
+        cw = cols.reshape(b, grp, cols.shape[1] // grp, -1)
+        gw = g4.reshape(b, grp, m.out_channels // grp, -1)
+        dw = torch.matmul(gw, cw.transpose(2, 3)).reshape(b, m.out_channels, -1)
+    return dw, g4.flatten(2).sum(2)
+
+
+def _weight_grad_conv(a4: torch.Tensor, g4: torch.Tensor, k: tuple, d: tuple, pad: tuple, s: tuple, grp: int):
+    """Per-sample conv weight gradients as one grouped convolution (no unfold).
+
+    ``dW[b, o, c, i, j] = sum_p d[b, o, p] a[b, c, p * s + (i, j) * d]``: the input (channels of
+    one group as the batch, ``(sample, group)`` as channels) convolved with the output gradient
+    as kernel, with stride and dilation swapped. Used where it beats unfold + GEMM on CPU
+    (few input channels per group - stems, depthwise - or large maps at stride 1); the choice
+    depends only on the layer's shapes, so results are deterministic.
+    """
+    b, cin, h, w = a4.shape
+    out_ch = g4.shape[1]
+    cg = cin // grp
+    inp = a4.reshape(b, grp, cg, h, w).permute(2, 0, 1, 3, 4).reshape(cg, b * grp, h, w)
+    ker = g4.reshape(b * out_ch, 1, g4.shape[2], g4.shape[3])
+    res = F.conv2d(inp, ker, padding=pad, dilation=s, stride=d, groups=b * grp)[:, :, : k[0], : k[1]]
+    return res.reshape(cg, b, out_ch, k[0], k[1]).permute(1, 2, 0, 3, 4).reshape(b, out_ch, cg * k[0] * k[1])
+
+
+def _single_position(s: LayerSlot, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(a [B, in'], d [B, out])`` if the layer has one output position per sample and one group."""
+    m, b = s.module, a.shape[0]
+    if s.kind == "linear":
+        if a.numel() != b * a.shape[-1]:
+            return None
+        return a.reshape(b, -1), g.reshape(b, -1)
+    if m.groups != 1 or g[0].numel() != m.out_channels:
+        return None
+    a4, k, d, pad, st = _conv_geometry(m, a)
+    cols = F.unfold(a4, k, dilation=d, padding=pad, stride=st)
+    return cols.reshape(b, -1), g.reshape(b, -1)
+
+
+def _chunk_size(per_sample: int, budget: int, b: int) -> int:
+    return max(1, min(b, budget // max(per_sample, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# layer maps
+
+
+Consumer = Callable[[int, int, torch.Tensor], "dict[str, torch.Tensor] | None"]
+
+
+class LayerMap:
+    """A per-layer feature map of per-sample gradients, driven by one batched backward pass.
+
+    Subclasses define ``dims`` (feature dimension per slot) and ``_features(i, a, g)`` returning
+    ``[b, dims[i]]`` for a chunk of samples. ``backward_spec(consumer)`` builds the taps
+    :class:`BackwardSpec`: for every layer call it feeds ``consumer(slot_index, row0, F)`` with
+    chunks ``F`` of rows ``row0 ...`` and concatenates the per-sample dicts it returns (summed
+    over layers by the taps under equal keys).
+    """
+
+    slots: list[LayerSlot]
+    dims: list[int]
+
+    def __init__(self, slots: list[LayerSlot], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+        self.slots = slots
+        self.chunk_elems = int(chunk_elems)
+        self.objective = logsumexp_objective
+
+    @property
+    def dim(self) -> int:
+        return int(sum(self.dims))
+
+    @property
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for d in self.dims:
+            out.append(o)
+            o += d
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    def _per_sample_elems(self, i: int, a: torch.Tensor) -> int:  # pragma: no cover - overridden
+        return self.dims[i]
+
+    def _features(self, i: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def features(self, i: int, a: torch.Tensor, g: torch.Tensor, batch: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Chunks ``(row0, F [b, dims[i]])`` of slot ``i``'s features for one layer call.
+
+        ``batch`` (the number of samples of the pass, 0 = unknown) lets Linear/LayerNorm layers
+        that see windows or heads merged into the leading dimension fold them back per sample.
+        """
+        slot = self.slots[i]
+        if a is None:
+            raise AdapterError(f"layer {slot.name!r} was called without a tensor input.")
+        a = a.detach().float()
+        g = g.detach().float()
+        if batch and a.shape[0] != batch:
+            if slot.kind not in ("linear", "layernorm") or (
+                slot.kind == "layernorm" and len(slot.module.normalized_shape) != 1
+            ):
+                raise AdapterError(
+                    f"layer {slot.name!r} received a leading dimension of {a.shape[0]} for a batch of "
+                    f"{batch}; exclude it with params=[...]."
+                )
+            a, g = _fold_rows(a, g, batch, slot.name)
+        b = a.shape[0]
+        step = _chunk_size(self._per_sample_elems(i, a), self.chunk_elems, b)
+        for r0 in range(0, b, step):
+            yield r0, self._features(i, a[r0 : r0 + step], g[r0 : r0 + step])
+
+    def backward_spec(self, consumer: Consumer) -> BackwardSpec:
+        """A fresh :class:`BackwardSpec` feeding ``consumer`` (one per capture call: the batch
+        size is recorded by the objective in a cell private to this spec, so concurrent calls
+        do not share state)."""
+        cell = [0]
+
+        def objective(logits: torch.Tensor) -> torch.Tensor:
+            cell[0] = int(logits.shape[0])
+            return self.objective(logits)
+
+        def make(i: int):
+            def cb(module, a, g):
+                out: dict[str, list[torch.Tensor]] = {}
+                for r0, feats in self.features(i, a, g, cell[0]):
+                    res = consumer(i, r0, feats)
+                    for k, v in (res or {}).items():
+                        out.setdefault(k, []).append(v)
+                return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+
+            return cb
+
+        return BackwardSpec(objective=objective, layers={s.name: make(i) for i, s in enumerate(self.slots)})
+
+    def run(
+        self, adapter: Adapter, x: torch.Tensor, consumer: Consumer, *, extra: CaptureSpec | None = None
+    ) -> Features:
+        """One forward + one batched backward pass on ``x`` (validated) feeding ``consumer``."""
+        spec = CaptureSpec(logits=True, backward=self.backward_spec(consumer))
+        if extra is not None:
+            spec = spec | CaptureSpec(extra.logits, extra.penultimate, extra.blocks, extra.input)
+        return capture(adapter, x, spec, validated=True)
+
+    def projection_spec(self, weights: torch.Tensor, key: str) -> BackwardSpec:
+        """A fresh :class:`BackwardSpec` whose features ``key`` are ``phi(x) @ weights`` ``[B, K]``."""
+        views = [weights[o : o + d] for o, d in zip(self.offsets, self.dims)]
+        cell = [0]
+
+        def objective(logits: torch.Tensor) -> torch.Tensor:
+            cell[0] = int(logits.shape[0])
+            return self.objective(logits)
+
+        def make(i: int):
+            def cb(module, a, g):
+                return {key: self._project(i, a, g, views[i], cell[0])}
+
+            return cb
+
+        return BackwardSpec(objective=objective, layers={s.name: make(i) for i, s in enumerate(self.slots)})
+
+    def _project(self, i: int, a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, batch: int) -> torch.Tensor:
+        parts = [feats.to(w.dtype) @ w for _, feats in self.features(i, a, g, batch)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def materialize(self, adapter: Adapter, x: torch.Tensor) -> torch.Tensor:
+        """``phi(x)`` as a dense ``[B, dim]`` matrix (small models and tests only)."""
+        out = torch.zeros(x.shape[0], self.dim)
+        offs = self.offsets
+
+        def consumer(i: int, r0: int, feats: torch.Tensor) -> None:
+            o = offs[i]
+            out[r0 : r0 + feats.shape[0], o : o + self.dims[i]] += feats.cpu()
+
+        self.run(adapter, x, consumer)
+        return out
+
+
+class ExactGradients(LayerMap):
+    """``phi(x) = grad_theta f(x)``, concatenated over the slots' parameters (module order,
+    ``weight`` before ``bias``)."""
+
+    def __init__(self, slots: list[LayerSlot], *, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> None:
+        super().__init__(slots, chunk_elems=chunk_elems)
+        self.dims = [s.size for s in slots]
+
+    def _per_sample_elems(self, i: int, a: torch.Tensor) -> int:
+        s = self.slots[i]
+        if s.kind == "conv":
+            m = s.module
+            pos = max(1, a[0].numel() // max(m.in_channels, 1))
+            return s.size + m.in_channels * math.prod(m.kernel_size) * pos
+        return s.size + a[0].numel()
+
+    def _project(self, i: int, a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, batch: int) -> torch.Tensor:
+        """Direct route for Linear/Conv layers with one output position per sample (pooled
+        heads, 1x1 maps): ``<d a^T, V_k> = d^T V_k a`` as ``a @ V.view(out, in, K)`` then a
+        contraction with ``d`` - the same multiply-adds as the projection GEMM, without writing
+        the per-sample gradients. Other layers form the gradient chunk and multiply."""
+        s = self.slots[i]
+        if (
+            s.kind in ("linear", "conv")
+            and "weight" in s.params
+            and a is not None
+            and (not batch or a.shape[0] == batch)
+        ):
+            vecs = _single_position(s, a.detach().float(), g.detach().float())
+            if vecs is not None:
+                av, gv = vecs
+                out_ch, n_in = gv.shape[1], av.shape[1]
+                ww = w[: out_ch * n_in].view(out_ch, n_in, -1)
+                u = torch.matmul(av.to(w.dtype).unsqueeze(0), ww)  # [out, B, K]
+                res = torch.einsum("bo,obk->bk", gv.to(w.dtype), u)
+                if "bias" in s.params:
+                    res = res + gv.to(w.dtype) @ w[out_ch * n_in :]
+                return res
+        return super()._project(i, a, g, w, batch)
+
+    def _features(self, i: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        s = self.slots[i]
+        if s.kind in ("linear", "conv"):
+            dw, db = _weight_grad(s, a, g)
+            parts = {"weight": dw, "bias": db}
+            return _cat([parts[p].reshape(a.shape[0], -1) for p in s.params])
+        return _vec_grads(s, a, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Kronecker sketch
+
+
+def _gaussian(rows: int, cols: int, seed: int, device: torch.device | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) & ((1 << 63) - 1))
+    return (torch.randn(rows, cols, generator=g) / math.sqrt(cols)).to(device)
+
+
+@dataclass(frozen=True)
+class SketchShape:
+    """Sketch sizes of one slot: weight ``r_o x r_i`` (0 = no weight part) and vector ``r_v``.
+
+    ``r_o == out`` and ``r_i == in'`` means the weight part is kept exactly; ``r_v == n_vec``
+    means the vector part is kept exactly.
+    """
+
+    r_o: int
+    r_i: int
+    r_v: int
+
+    @property
+    def dim(self) -> int:
+        return self.r_o * self.r_i + self.r_v
+
+
+def _weight_dims(slot: LayerSlot) -> tuple[int, int]:
+    m = slot.module
+    if slot.kind == "linear" and "weight" in slot.params:
+        return m.out_features, m.in_features
+    if slot.kind == "conv" and "weight" in slot.params:
+        return m.out_channels, (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return 0, 0
+
+
+def plan_sketch(slots: list[LayerSlot], budget: int) -> list[SketchShape]:
+    """Split a total sketch dimension ``budget`` over slots in proportion to their sizes."""
+    total = sum(s.size for s in slots)
+    out = []
+    for s in slots:
+        o, i = _weight_dims(s)
+        nw = o * i
+        nv = s.size - nw
+        if nw:
+            t = max(1.0, budget * nw / total)
+            if t >= nw:
+                ro, ri = o, i
+            else:
+                ro = max(1, min(o, round(math.sqrt(t * o / i))))
+                ri = max(1, min(i, round(t / ro)))
+        else:
+            ro = ri = 0
+        rv = 0
+        if nv:
+            rv = min(nv, max(1, round(budget * nv / total)))
+        out.append(SketchShape(ro, ri, rv))
+    return out
+
+
+class KroneckerSketch(LayerMap):
+    """Structured random projection of per-sample gradients that never forms them.
+
+    Weight part of a Linear/Conv slot: ``R_o^T dW R_i`` with Gaussian ``R_o [out, r_o]`` and
+    ``R_i [in', r_i]`` (entries ``N(0, 1/r)``), computed as ``sum_p (R_o^T d_p)(R_i^T a_p)^T``.
+    Vector part (bias, norm affines, generic leaves): the exact per-sample gradient times a
+    Gaussian ``[n_vec, r_v]``. Parts kept exactly when the plan says so. Random matrices are
+    regenerated from ``seed`` and the slot index, so a saved sketch needs only its shapes.
+    """
+
+    def __init__(
+        self,
+        slots: list[LayerSlot],
+        shapes: list[SketchShape],
+        *,
+        seed: int = 0,
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    ) -> None:
+        super().__init__(slots, chunk_elems=chunk_elems)
+        if len(shapes) != len(slots):
+            raise ValueError("one sketch shape per slot is needed")
+        self.shapes = list(shapes)
+        self.seed = int(seed)
+        self.dims = [sh.dim for sh in self.shapes]
+        self._mats: dict[int, tuple] = {}
+
+    def _matrices(self, i: int, device: torch.device) -> tuple:
+        got = self._mats.get(i)
+        if got is not None and got[0] == device:
+            return got[1]
+        s, sh = self.slots[i], self.shapes[i]
+        o, n_in = _weight_dims(s)
+        base = (self.seed * 1_000_003 + i * 7919) * 4
+        ro = ri = rv = None
+        if sh.r_o * sh.r_i and (sh.r_o, sh.r_i) != (o, n_in):
+            ro = _gaussian(o, sh.r_o, base + 1, device)
+            ri = _gaussian(n_in, sh.r_i, base + 2, device)
+        nv = s.size - o * n_in
+        if sh.r_v and sh.r_v != nv:
+            rv = _gaussian(nv, sh.r_v, base + 3, device)
+        mats = (ro, ri, rv)
+        self._mats[i] = (device, mats)
+        return mats
+
+    def _per_sample_elems(self, i: int, a: torch.Tensor) -> int:
+        s, sh = self.slots[i], self.shapes[i]
+        pos = max(1, a[0].numel() // max(a.shape[1] if a.ndim > 1 else 1, 1))
+        return a[0].numel() + pos * (sh.r_o + sh.r_i) * 2 + sh.dim + (s.size if sh.r_o * sh.r_i == 0 else 0)
+
+    def _features(self, i: int, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        s = self.slots[i]
+        b = a.shape[0]
+        ro, ri, rv = self._matrices(i, a.device)
+        parts = []
+        o, _ = _weight_dims(s)
+        if o:
+            if ro is None:  # kept exactly
+                dw, db = _weight_grad(s, a, g)
+                parts.append(dw.reshape(b, -1))
+            else:
+                parts.append(self._sketch_weight(s, a, g, ro, ri).reshape(b, -1))
+                db = None
+            if "bias" in s.params:
+                if db is None:
+                    db = g.reshape(b, o, -1).sum(2) if s.kind == "conv" else g.reshape(b, -1, o).sum(1)
+                vec = db
+            else:
+                vec = None
+        else:
+            vec = _vec_grads(s, a, g)
+        if vec is not None:
+            parts.append(vec if rv is None else vec @ rv)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _sketch_weight(s: LayerSlot, a: torch.Tensor, g: torch.Tensor, ro: torch.Tensor, ri: torch.Tensor):
+        b = a.shape[0]
+        m = s.module
+        if s.kind == "linear":
+            a2 = a.reshape(b, -1, a.shape[-1])
+            g2 = g.reshape(b, -1, g.shape[-1])
+            u = g2 @ ro  # [b, P, r_o]
+            w = a2 @ ri  # [b, P, r_i]
+            return torch.bmm(u.transpose(1, 2), w)
+        a4, k, d, pad, st = _conv_geometry(m, a)
+        grp = m.groups
+        r_i = ri.shape[1]
+        cin_g = m.in_channels // grp
+        filt = ri.t().reshape(r_i, cin_g, *k).repeat(grp, 1, 1, 1)
+        w = F.conv2d(a4, filt, stride=st, padding=pad, dilation=d, groups=grp)  # [b, grp*r_i, *out]
+        pos = w.shape[2] * w.shape[3]
+        w = w.reshape(b, grp, r_i, pos)
+        gg = g.reshape(b, grp, m.out_channels // grp, pos)
+        rog = ro.reshape(grp, m.out_channels // grp, -1)
+        u = torch.einsum("bgop,gor->bgrp", gg, rog)
+        r_o = u.shape[2]
+        u = u.permute(0, 2, 1, 3).reshape(b, r_o, grp * pos)
+        w = w.permute(0, 2, 1, 3).reshape(b, r_i, grp * pos)
+        return torch.bmm(u, w.transpose(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# streamed linear algebra
+
+
+def orthonormalize(
+    p: torch.Tensor, *, rows_distributed: bool = False, rounds: int = 2, rtol: float = 1e-10, chunk: int = 4096
+) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``p`` ``[n, l]`` via Gram eigendecompositions.
+
+    ``p <- p U diag(lambda^-1/2)`` (repeated ``rounds`` times: the second round restores
+    orthogonality to working precision); directions with ``lambda <= rtol * lambda_max`` are
+    dropped, so the result may have fewer columns. The Gram matrix is accumulated in float64
+    from GEMMs over row chunks of ``chunk`` rows (in ``p``'s dtype), and ``p`` is updated in
+    place when no column is dropped. With ``rows_distributed`` the rows are shards on several
+    ranks and the Gram matrix is all-reduced.
+    """
+    for _ in range(rounds):
+        l_ = p.shape[1]
+        gram = torch.zeros(l_, l_, dtype=torch.float64, device=p.device)
+        for r in range(0, p.shape[0], chunk):
+            blk = p[r : r + chunk]
+            gram += (blk.T @ blk).double()
+        if rows_distributed:
+            all_reduce_sum(gram)
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = evals > max(float(evals[-1]), 0.0) * rtol
+        if not bool(keep.any()):
+            return p[:, :0]
+        t = (evecs[:, keep] * evals[keep].rsqrt()[None, :]).flip(1)  # largest first
+        out = p if t.shape[1] == l_ else torch.empty(p.shape[0], t.shape[1], dtype=p.dtype, device=p.device)
+        tt = t.to(p.dtype)
+        step = max(chunk, 1 << 16)
+        for r in range(0, p.shape[0], step):
+            out[r : r + step] = p[r : r + step] @ tt
+        p = out
+    return p
+
+
+class StreamedOperator:
+    """Interface of :func:`randomized_subspace`: a matrix ``A`` ``[n, dim]`` seen in passes.
+
+    ``matmat(P)`` returns ``A @ P`` ``[n, l]`` (rows local to this rank; ``P`` must be left
+    unchanged); ``rmatmat(Y, out)`` writes ``A^T @ Y`` into ``out`` ``[dim, l]`` (summed over
+    ranks).
+    """
+
+    dim: int
+    n: int
+    #: upper bound on rank(A) (default ``min(n, dim)``; e.g. ``n - 1`` for centred rows)
+    max_rank: int | None = None
+    rows_distributed: bool = False
+    #: optional bool mask [dim]: columns of A that can be non-zero (others are exactly zero)
+    support: torch.Tensor | None = None
+
+    def matmat(self, p: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class DenseOperator(StreamedOperator):
+    """A dense matrix streamed in row blocks (tests and small problems)."""
+
+    def __init__(self, a: torch.Tensor, block: int = 64) -> None:
+        self.a = a
+        self.dim = a.shape[1]
+        self.n = a.shape[0]
+        self.block = block
+        self.passes = 0
+
+    def matmat(self, p: torch.Tensor) -> torch.Tensor:
+        self.passes += 1
+        return torch.cat([self.a[r : r + self.block] @ p for r in range(0, self.n, self.block)])
+
+    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:
+        self.passes += 1
+        out.zero_()
+        for r in range(0, self.n, self.block):
+            out += self.a[r : r + self.block].T @ y[r : r + self.block].to(out.dtype)
+
+
+def randomized_subspace(
+    op: StreamedOperator,
+    k: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` right singular vectors of a streamed ``A`` by randomized subspace iteration.
+
+    ``P_0 = Gaussian [dim, l]`` with ``l = min(k + oversample, rank bound)``, ``Y = A P_0``; then
+    ``n_iter`` times ``P = orth(A^T orth(Y))``, ``Y = A P``; finally Rayleigh-Ritz on
+    ``Y = A P``: ``Y^T Y = W S^2 W^T``, ``V = P W``. Passes over the data: ``2 * n_iter + 1``.
+    When ``l`` reaches the rank bound (few samples), one ``A^T`` pass from a random
+    sample-space block spans the whole row space and the result is exact in 2 passes. Halko,
+    Martinsson & Tropp, SIAM Review 53(2), 2011, Alg. 4.4 with Gram-based orthonormalisation.
+
+    Returns ``(V [dim, k], s [k], A V [n, k])``; if ``A`` has rank ``r < k`` the last ``k - r``
+    columns are zero (and their singular values 0).
+    """
+    if k < 1:
+        raise ConfigError(f"need at least one component, got k={k}")
+    rank = min(op.n, op.dim) if op.max_rank is None else op.max_rank
+    if k > min(op.n, op.dim):
+        raise InputError(f"cannot extract {k} components from {op.n} samples of dimension {op.dim}.")
+    l_ = max(1, min(k + max(int(oversample), 0), rank))
+    g = torch.Generator().manual_seed(int(seed))
+    step = 1 << 16
+    if l_ >= rank:
+        # l covers the whole row space: one A^T pass from any full-rank sample-space block spans
+        # range(A^T) exactly, so a single iteration is exact (no parameter-space Gaussian).
+        rank_id = torch.distributed.get_rank() if op.rows_distributed else 0
+        g.manual_seed(int(seed) + 7919 * rank_id)
+        y = torch.randn(op.n_local if hasattr(op, "n_local") else op.n, l_, generator=g, dtype=torch.float64)
+        n_iter = 1
+        p = torch.empty(op.dim, l_, dtype=dtype, device=device)
+    else:
+        p = torch.empty(op.dim, l_, dtype=dtype, device=device)
+        for r in range(0, op.dim, step):
+            p[r : r + step] = torch.randn(min(step, op.dim - r), l_, generator=g).to(dtype)
+        if op.support is not None:
+            p[~op.support.to(p.device)] = 0
+        if int(n_iter) == 0:
+            p = orthonormalize(p)  # otherwise only its span matters: it is re-orthonormalised below
+        y = op.matmat(p).double()
+    for _ in range(int(n_iter)):
+        q = orthonormalize(y, rows_distributed=op.rows_distributed)
+        if q.shape[1] < p.shape[1]:
+            p = torch.empty(op.dim, q.shape[1], dtype=dtype, device=p.device)
+        op.rmatmat(q.to(dtype), p)
+        p = orthonormalize(p)
+        y = op.matmat(p).double()
+    gram = y.T @ y
+    if op.rows_distributed:
+        all_reduce_sum(gram)
+    evals, w = torch.linalg.eigh(gram)
+    evals, w = evals.flip(0).clamp_min(0), w.flip(1)
+    r = min(k, w.shape[1])
+    v = torch.zeros(op.dim, k, dtype=dtype, device=device)
+    wk = w[:, :r]
+    wk32 = wk.to(dtype=dtype, device=p.device)
+    for s0 in range(0, op.dim, step):
+        v[s0 : s0 + step, :r] = p[s0 : s0 + step] @ wk32
+    ylow = torch.zeros(y.shape[0], k, dtype=torch.float64)
+    ylow[:, :r] = y @ wk.to(y.device)
+    s = torch.zeros(k, dtype=torch.float64)
+    s[:r] = evals[:r].sqrt()
+    return v, s, ylow
