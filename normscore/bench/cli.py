@@ -1,0 +1,222 @@
+"""``normscore-bench``: benchmark every registered OOD detector on a model, offline.
+
+With no arguments it runs the embedded default: Fashion-MNIST as ID, ``smallcnn`` trained on
+its 60,000 training images for 1 epoch on the CPU (cached after the first run), detectors
+fitted on 10,000 training images (500 for detectors that need the model live, such as ODIN and
+LDG), evaluated on 1,000 ID test images against at most 1,000 images of each near-OOD
+(mnist-5k, opencv-digits, sklearn-digits) and far-OOD (textures, photos, noise) set, all
+registered detectors. See docs/benchmarks.md.
+
+Exit status: 0 on success, 1 when some detectors failed (their rows say ``err``; the reasons are
+printed and in results.json), 2 on a usage error or missing data/weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+import torch
+
+from ..errors import NormscoreError
+
+__all__ = ["build_parser", "main"]
+
+
+def _list_arg(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    out = []
+    for v in values:
+        out += [s.strip() for s in v.split(",") if s.strip()]
+    return out or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="normscore-bench",
+        description="Benchmark post-hoc OOD detectors on a classifier, offline (see docs/benchmarks.md).",
+        epilog="Without arguments: the embedded Fashion-MNIST benchmark with a small CNN trained on the CPU.",
+    )
+    g = ap.add_argument_group("model")
+    g.add_argument("--model", help="smallcnn | efficientnet_lite0 | a timm name (resnet50) | tv:NAME (torchvision)")
+    g.add_argument(
+        "--checkpoint", metavar="PATH", help="state_dict to load (torch.save(model.state_dict()) or .safetensors)"
+    )
+    g.add_argument(
+        "--train-epochs",
+        type=int,
+        metavar="N",
+        help="train the model from scratch on the ID training split (cached by recipe)",
+    )
+    g.add_argument("--image-size", type=int, metavar="PX", help="input size override")
+    g = ap.add_argument_group("data")
+    g.add_argument("--id", default="fashion-mnist", help="ID data set (fashion-mnist, imagenet, imagefolder:PATH, ...)")
+    g.add_argument(
+        "--ood",
+        action="append",
+        metavar="LIST",
+        help="OOD sets, comma-separated (NAME or NAME@SPLIT); near/far from the suite",
+    )
+    g.add_argument("--near", action="append", metavar="LIST", help="near-OOD sets (comma-separated)")
+    g.add_argument("--far", action="append", metavar="LIST", help="far-OOD sets (comma-separated)")
+    g.add_argument("--val-ood", metavar="NAME", help="validation OOD set for --search (default: the suite's)")
+    g.add_argument(
+        "--data-root", metavar="DIR", help="folder of local data (e.g. ImageNet; see normscore.data.imagenet)"
+    )
+    g.add_argument(
+        "--limit", type=int, metavar="N", help="subsample every split (training, fit, test, OOD) to at most N images"
+    )
+    g.add_argument("--fit-size", type=int, metavar="N", help="ID training images to fit detectors on (suite default)")
+    g.add_argument(
+        "--live-fit-size",
+        type=int,
+        metavar="N",
+        help="ID training images for detectors that need the model live (ODIN, LDG, ...; suite default)",
+    )
+    g.add_argument("--test-size", type=int, metavar="N", help="cap on every test split, ID and OOD (suite default)")
+    g.add_argument(
+        "--val-size", type=int, default=1000, metavar="N", help="validation ID / OOD images for --search (1000)"
+    )
+    g = ap.add_argument_group("detectors")
+    g.add_argument("--detectors", default="all", help="all (default) or a comma-separated list")
+    g.add_argument("--search", action="store_true", help="hyperparameter search on validation ID vs validation OOD")
+    g = ap.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=256, metavar="N")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="data loader worker processes (0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--cache-dir", metavar="DIR", help="feature/model cache (default $NORMSCORE_CACHE_DIR or ~/.cache/normscore)"
+    )
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", help="output folder (default normscore-results/<id>-<model>)")
+    g.add_argument(
+        "--format", default="table", choices=("table", "markdown", "csv", "json"), help="what to print (table)"
+    )
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument("--list", action="store_true", help="list data sets, detectors and local models, then exit")
+    return ap
+
+
+def _print_lists() -> None:
+    import normscore
+    from normscore.data import dataset_info, list_dataset_prefixes, list_datasets
+    from normscore.models import list_local_models
+
+    from .suites import SUITES
+
+    print("data sets:")
+    for n in list_datasets():
+        info = dataset_info(n)
+        sp = list(info.splits) if len(info.splits) <= 8 else [*info.splits[:6], f"... ({len(info.splits)} splits)"]
+        print(f"  {n:16s} {info.description}  [splits: {', '.join(sp)}]")
+    for p, d in list_dataset_prefixes().items():
+        print(f"  {p + ':PATH':16s} {d}")
+    print("suites (--id with default OOD sets):")
+    for s in SUITES.values():
+        print(f"  {s.id:16s} near {', '.join(s.near)}; far {', '.join(s.far)}; val-OOD {s.val_ood}; model {s.model}")
+    print("detectors:")
+    for n in normscore.list_detectors():
+        c = normscore.detector_class(n)
+        print(f"  {n:20s} {c.paper}")
+    print("models: smallcnn, " + ", ".join(list_local_models()) + ", any timm name, tv:<torchvision name>")
+
+
+def _default_out(id_name: str, model: str | None) -> str:
+    from .suites import SUITES
+
+    m = model or (SUITES[id_name].model if id_name in SUITES else "smallcnn")
+    ident = id_name.partition(":")[2] if id_name.startswith("imagefolder:") else id_name
+    ident = os.path.basename(os.path.normpath(ident)) or "data"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{ident}-{m}")
+    return os.path.join("normscore-results", safe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``normscore-bench``."""
+    args = build_parser().parse_args(argv)
+    if args.list:
+        _print_lists()
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .report import footer_lines, format_results, summary_lines
+    from .runner import BenchConfig, run_benchmark
+
+    for flag in (
+        "limit",
+        "fit_size",
+        "live_fit_size",
+        "test_size",
+        "val_size",
+        "batch_size",
+        "train_epochs",
+        "image_size",
+    ):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            print(f"normscore-bench: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    cfg = BenchConfig(
+        id=args.id,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        train_epochs=args.train_epochs,
+        ood=_list_arg(args.ood),
+        near=_list_arg(args.near),
+        far=_list_arg(args.far),
+        val_ood=args.val_ood,
+        detectors=args.detectors,
+        data_root=args.data_root,
+        limit=args.limit,
+        fit_size=args.fit_size,
+        live_fit_size=args.live_fit_size,
+        test_size=args.test_size,
+        val_size=args.val_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        out=args.out or _default_out(args.id, args.model),
+        cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
+        search=args.search,
+        image_size=args.image_size,
+        workers=args.workers,
+        plots=not args.no_plots,
+        progress=not args.quiet,
+        command=shlex.join(["normscore-bench", *(sys.argv[1:] if argv is None else argv)]),
+    )
+    try:
+        res = run_benchmark(cfg)
+    except NormscoreError as e:
+        print(f"normscore-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("normscore-bench: interrupted; finished splits are cached and a new run resumes.", file=sys.stderr)
+        return 130
+    r = res.results
+    text = format_results(r, args.format)
+    if args.format in ("table", "markdown"):
+        print("\n".join(summary_lines(r)))
+        print()
+        print(text)
+        print()
+        print("\n".join(footer_lines(r)))
+        print(
+            f"outputs: {res.out_dir}/ (results.csv, results.json, scores.npz, table.txt{', plots/' if cfg.plots else ''})"
+        )
+    else:
+        print(text)
+        if not args.quiet:
+            print(f"outputs: {res.out_dir}/", file=sys.stderr)
+    return 1 if res.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
