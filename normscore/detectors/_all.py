@@ -10,6 +10,7 @@ _MODULES = (
     "shaping",
     "distances",
     "fusion",
+    "separation",
 )
 
 for _name in _MODULES:
