@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,22 @@ def bench_hooks(quick: bool) -> None:
 
             t = timed({"ours": lambda: det.score(x), "ref": plain}, repeat)
             emit(f"hook_overhead/{name}/{arch}", t["ours"], t["ref"], {"batch": 16, "px": 224, "target": "<= 1.05"})
+            if name == "energy":  # the pipeline path: logits and scores from one pass
+                hooked = normscore.ScoringModule(model, det)
+                graph = normscore.ScoringModule(model, det, hook_free=True, example_input=x[:1])
+
+                def run(m):
+                    with torch.no_grad():
+                        m(x)
+
+                t = timed({"hooks": lambda: run(hooked), "graph": lambda: run(graph), "ref": plain}, repeat)
+                for kind in ("hooks", "graph"):
+                    emit(
+                        f"scoring_module/{kind}/{name}/{arch}",
+                        t[kind],
+                        t["ref"],
+                        {"batch": 16, "px": 224, "target": "<= 1.05", "returns": "(logits, scores)"},
+                    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,28 +411,29 @@ def _peak_kb(name: str, n: int, *extra: str) -> int:
 
 
 def bench_memory(quick: bool) -> None:
+    small, large = (10_000, 50_000) if quick else (10_000, 100_000)
     for name in ("mahalanobis", "vim", "knn"):
-        g10 = _peak_kb(name, 10_000)
-        g100 = _peak_kb(name, 100_000)
+        g10 = _peak_kb(name, small)
+        g100 = _peak_kb(name, large)
         emit(
             f"fit_memory/{name}",
             g100 / 1024,
             max(g10, 1) / 1024,
             {
                 "D": 512,
-                "N_small": 10_000,
-                "N_large": 100_000,
-                "unit": "MiB of peak-RSS growth during fit (ours_s = 100k, ref_s = 10k)",
+                "N_small": small,
+                "N_large": large,
+                "unit": "MiB of peak-RSS growth during fit (ours_s = N_large, ref_s = N_small)",
             },
             expectation="flat" if name != "knn" else "grows with N (bank)",
         )
-    g32, g16 = _peak_kb("knn", 100_000, "float32"), _peak_kb("knn", 100_000, "float16")
+    g32, g16 = _peak_kb("knn", large, "float32"), _peak_kb("knn", large, "float16")
     emit(
         "fit_memory/knn_bank_float16_vs_float32",
         g16 / 1024,
         g32 / 1024,
-        {"D": 512, "N": 100_000, "unit": "MiB of peak-RSS growth during fit"},
-        bank_mib={"float32": round(100_000 * 512 * 4 / 2**20, 1), "float16": round(100_000 * 512 * 2 / 2**20, 1)},
+        {"D": 512, "N": large, "unit": "MiB of peak-RSS growth during fit"},
+        bank_mib={"float32": round(large * 512 * 4 / 2**20, 1), "float16": round(large * 512 * 2 / 2**20, 1)},
     )
 
 
@@ -425,16 +443,17 @@ def bench_memory(quick: bool) -> None:
 
 def bench_dist(quick: bool) -> None:
     script = HERE / "dist_fit.py"
-    out = HERE / ".dist_fit_out"
-    out.mkdir(exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="normscore-dist-fit-"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.perf_counter()
+    # --quick: the detectors of the issue (and the test) on 192 images; else all of them on 384
+    sub = ["--samples", "192", "--detectors", "mahalanobis,vim,featurenorm,ldg"] if quick else []
     single = subprocess.run(
-        [sys.executable, str(script), "--out", str(out), "--single"], capture_output=True, text=True, env=env
+        [sys.executable, str(script), "--out", str(out), "--single", *sub], capture_output=True, text=True, env=env
     )
     t1 = time.perf_counter()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29531"]
-    multi = subprocess.run([*torchrun, str(script), "--out", str(out)], capture_output=True, text=True, env=env)
+    multi = subprocess.run([*torchrun, str(script), "--out", str(out), *sub], capture_output=True, text=True, env=env)
     t2 = time.perf_counter()
     if single.returncode or multi.returncode:
         print(json.dumps({"name": "dist_fit", "error": (single.stderr + multi.stderr)[-3000:]}))

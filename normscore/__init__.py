@@ -22,6 +22,7 @@ from .errors import (
 )
 from .io import load, save
 from .metrics import evaluate
+from .pipeline import ScoringModule, score_loader
 from .taps import CaptureSpec, Features, capture
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "MissingResourceError",
     "NormscoreError",
     "NotFittedError",
+    "ScoringModule",
     "__version__",
     "capture",
     "create",
@@ -52,5 +54,6 @@ __all__ = [
     "metrics",
     "register",
     "save",
+    "score_loader",
     "set_adapter",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,9 @@ def test_production_examples_run(example, tmp_path):
         args.append(str(tmp_path))
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    if example == "inference_gate.py":  # the gate keeps ~95% of ID and rejects the digits
+        rates = dict(re.findall(r"^(\S+).*accepted \d+/\d+ \((\d+)%\)", r.stdout, re.M))
+        assert int(rates["fashion"]) >= 90 and int(rates["digits"]) <= 10, r.stdout
     if example == "distributed_scoring.py":
         scores = torch.load(tmp_path / "scores.pt", weights_only=True)
         assert set(scores) == {"msp", "energy", "penultimate_norm"} and scores["msp"].shape == (1000,)

@@ -19,7 +19,7 @@ model = train_classifier(small_cnn(width=16), train, epochs=1, progress=False)
 
 # 1. fit the detector on ID training data (every 10th sample is held out to set the threshold)
 loader = torch.utils.data.DataLoader(train, batch_size=256)
-detector = normscore.create("energy").fit(model, loader)
+detector = normscore.create("mahalanobis").fit(model, loader)  # class-conditional: uses the labels
 gate = ScoringModule(model, detector).eval()
 threshold = detector.decision.threshold  # keeps 95% of held-out ID inputs
 

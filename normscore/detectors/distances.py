@@ -443,6 +443,7 @@ class ViM(Detector):
         self._moments: RunningMoments | None = None
         self._sample: RowSample | None = None
         self._maxlogit = 0.0
+        self._null_space = None
 
     def _fit_update(self, feats: Features) -> None:
         h = feats.require("penultimate")
@@ -488,7 +489,15 @@ class ViM(Detector):
     def residual(self, h: torch.Tensor) -> torch.Tensor:
         """``|(h - o) P_perp|`` in float64, ``[B]``."""
         d = self.principal_dim(self.eigvecs_.shape[0])
-        ns = self.eigvecs_[:, d:]
+        vecs = self.eigvecs_
+        key = (d, id(vecs), vecs.data_ptr(), vecs.device)
+        cached = getattr(self, "_null_space", None)
+        if cached is None or cached[0] != key:
+            # a contiguous copy: the column slice is strided, and a strided GEMM operand costs a
+            # full copy of the D x (D - d) matrix on every call
+            cached = (key, vecs[:, d:].contiguous())
+            self._null_space = cached
+        ns = cached[1]
         return ((h.double().to(ns.device) - self.origin_) @ ns).norm(dim=1)
 
     def score_features(self, feats: Features) -> torch.Tensor:
