@@ -528,13 +528,17 @@ class Adapter:
     def head(self) -> nn.Module:
         return self._modules[self.head_name]
 
-    def head_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W [C, D], b [C])`` of the head, detached copies in float32."""
+    def head_weight_bias(self, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W [C, D], b [C])`` of the head in float32: detached copies, or with
+        ``copy=False`` detached views of the live parameters where possible (read-only use at
+        score time; no per-call copy of a large head)."""
         m = self.head
         w = m.weight.detach()
         if isinstance(m, nn.Conv2d):
             w = w[:, :, 0, 0]
         b = m.bias.detach() if m.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+        if not copy:
+            return w.float(), b.float()
         return w.float().clone(), b.float().clone()
 
     @property

@@ -173,3 +173,28 @@ def test_model_unchanged_after_exception_mid_call(arch):
             assert_unchanged(model, snap)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("name", ["separation", "ash", "fdbd", "vim", "klm"])
+def test_score_time_caches_follow_the_model_and_the_fitted_state(name, tmp_path):
+    """Score-time constants (normalised head, Gram matrix, null space, log templates) are cached
+    per detector; they must follow in-place changes of the model's head, set_params, refits and
+    loads: the scores always equal those of a freshly created detector."""
+    torch.manual_seed(0)
+    m = TinyCNN(num_classes=5).eval()
+    loader = make_loader(n=40, batch=10, size=16, classes=5)
+    x = torch.randn(6, 3, 16, 16)
+    det = create(name).fit(m, loader)
+    det.score(x)  # fills the caches
+    with torch.no_grad():  # e.g. a fine-tuning step on the live model
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    det2 = create(name).fit(m, loader)
+    if not det.needs_fit:  # fit-free: reads the live head, no refit needed
+        assert torch.equal(det.score(x), det2.score(x))
+    assert torch.equal(det.fit(m, loader).score(x), det2.score(x))
+    if name == "vim":
+        det.set_params(dim=4)
+        assert torch.equal(det.score(x), create(name).set_params(dim=4).fit(m, loader).score(x))
+    det.save(tmp_path / "d.ns")
+    assert torch.equal(normscore.load(tmp_path / "d.ns", model=m).score(x), det.score(x))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
@@ -434,6 +435,21 @@ class Detector(metaclass=_DetectorMeta):
         from ..io import save
 
         save(self, path)
+
+    def _memo(self, name: str, tensors: tuple[torch.Tensor, ...], fn: Any) -> Any:
+        """``fn()`` cached under ``name`` until one of ``tensors`` is replaced (another object)
+        or modified in place (its version counter moves). For score-time constants derived from
+        fitted state or the model's head parameters (normalised or float64 weights, Gram
+        matrices), so they are not recomputed for every batch. Pass stable objects (fitted
+        attributes, ``nn.Parameter``s), not fresh views."""
+        memo = self.__dict__.setdefault("_memo_cache", {})
+        versions = tuple(t._version for t in tensors)
+        hit = memo.get(name)
+        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
+            return hit[2]
+        value = fn()
+        memo[name] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+        return value
 
     def to(self: D, device: torch.device | str) -> D:
         """Move fitted tensors to ``device``."""

@@ -443,7 +443,6 @@ class ViM(Detector):
         self._moments: RunningMoments | None = None
         self._sample: RowSample | None = None
         self._maxlogit = 0.0
-        self._null_space = None
 
     def _fit_update(self, feats: Features) -> None:
         h = feats.require("penultimate")
@@ -490,14 +489,9 @@ class ViM(Detector):
         """``|(h - o) P_perp|`` in float64, ``[B]``."""
         d = self.principal_dim(self.eigvecs_.shape[0])
         vecs = self.eigvecs_
-        key = (d, id(vecs), vecs.data_ptr(), vecs.device)
-        cached = getattr(self, "_null_space", None)
-        if cached is None or cached[0] != key:
-            # a contiguous copy: the column slice is strided, and a strided GEMM operand costs a
-            # full copy of the D x (D - d) matrix on every call
-            cached = (key, vecs[:, d:].contiguous())
-            self._null_space = cached
-        ns = cached[1]
+        # a contiguous copy, made once: the column slice is strided, and a strided GEMM operand
+        # costs a full copy of the D x (D - d) matrix on every call
+        ns = self._memo(f"null_space_{d}", (vecs,), lambda: vecs[:, d:].contiguous())
         return ((h.double().to(ns.device) - self.origin_) @ ns).norm(dim=1)
 
     def score_features(self, feats: Features) -> torch.Tensor:
@@ -613,11 +607,15 @@ class FDBD(Detector):
     def score_features(self, feats: Features) -> torch.Tensor:
         z = feats.require("logits").double()
         h = feats.require("penultimate").double()
-        w = self.W_.double().to(z.device)
         y = z.argmax(1)
-        wy = w[y]  # [B, D]
-        sq = (w * w).sum(1)
-        den2 = (sq[y][:, None] + sq[None, :] - 2.0 * (wy @ w.T)).clamp_min(0)
+        if self.W_.shape[0] <= 4096:  # ||w_y - w_c||^2 from the head's Gram matrix (float64, once)
+            gram = self._memo("gram", (self.W_,), lambda: self.W_.double() @ self.W_.double().T).to(z.device)
+            sq = gram.diagonal()
+            den2 = (sq[y][:, None] + sq[None, :] - 2.0 * gram[y]).clamp_min(0)
+        else:  # a C x C Gram matrix would be too large: per batch
+            w = self._memo("w64", (self.W_,), lambda: self.W_.double()).to(z.device)
+            sq = (w * w).sum(1)
+            den2 = (sq[y][:, None] + sq[None, :] - 2.0 * (w[y] @ w.T)).clamp_min(0)
         gap = (z.gather(1, y[:, None]) - z).abs()
         other = torch.ones_like(gap, dtype=torch.bool)
         other.scatter_(1, y[:, None], False)

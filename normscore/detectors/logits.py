@@ -362,7 +362,8 @@ class KLM(Detector):
         logp = torch.log_softmax(feats.require("logits").double(), dim=1)
         p = logp.exp()
         neg_ent = (p * logp).sum(1)
-        logd = self.templates_.clamp_min(torch.finfo(torch.float64).tiny).log()
+        t = self.templates_
+        logd = self._memo("log_templates", (t,), lambda: t.clamp_min(torch.finfo(torch.float64).tiny).log())
         cross = p @ logd.T  # [B, C]: sum_j p_j log d_cj
         cross = cross.masked_fill(~self.present_[None, :], float("-inf"))
         kl_min = neg_ent - cross.amax(dim=1)

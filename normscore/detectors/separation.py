@@ -37,9 +37,13 @@ class Separation(Detector):
     def score_features(self, feats: Features) -> torch.Tensor:
         logits = feats.require("logits").float()
         z = feats.require("penultimate").float()
-        w, _ = self.adapter.head_weight_bias()
-        w = w.to(z.device)
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        adapter = self.adapter
+
+        def unit_rows() -> torch.Tensor:
+            w, _ = adapter.head_weight_bias(copy=False)
+            return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        w = self._memo("unit_w", (adapter.head.weight,), unit_rows).to(z.device)
         zh = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
         msp = torch.softmax(logits, dim=1).amax(dim=1)
         return msp + (zh @ w.t()).abs().sum(dim=1)

@@ -33,7 +33,7 @@ def _head(det: Detector) -> tuple[torch.Tensor, torch.Tensor]:
     w = getattr(det, "W_", None)
     if w is not None:
         return w, det.b_
-    return det.adapter.head_weight_bias()
+    return det.adapter.head_weight_bias(copy=False)
 
 
 def _energy_of(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
