@@ -148,3 +148,15 @@ def test_production_examples_run(example, tmp_path):
     if example == "distributed_scoring.py":
         scores = torch.load(tmp_path / "scores.pt", weights_only=True)
         assert set(scores) == {"msp", "energy", "penultimate_norm"} and scores["msp"].shape == (1000,)
+
+
+def test_fusion_with_members_that_need_their_fit_to_know_what_to_capture(tiny_model):
+    """featurenorm (block chosen by the fit) and ldg (projection from the fit) have no score spec
+    before they are fitted; fusion must fit them first and then calibrate and score them."""
+    loader = make_loader(n=60, batch=20)
+    x = torch.randn(5, 3, 16, 16)
+    members = ["energy", "featurenorm", {"name": "ldg", "n_components": 4, "params": "head"}]
+    fus = normscore.create("fusion", members=members).fit(tiny_model, loader)
+    s = fus.score(x)
+    assert s.shape == (5,) and bool(s.isfinite().all())
+    assert fus.decision is not None and fus.decision.n == 6

@@ -109,6 +109,10 @@ class Fusion(Detector):
 
     # ------------------------------------------------------------------ capture / fit
     def capture_spec(self, adapter: Adapter, stage: str) -> CaptureSpec | None:
+        if stage == "calibrate":
+            # asked before the members are fitted (featurenorm/ldg need their fitted state for a
+            # score spec); _fit stores the held-out features itself, with the members' score spec
+            return CaptureSpec(logits=True)
         spec: CaptureSpec | None = None
         for d in self._member_dets():
             s = d.capture_spec(adapter, "score")
