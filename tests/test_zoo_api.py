@@ -106,6 +106,27 @@ def test_odin_search_space_changes_the_scores():
                 assert _distinct(runs[i], runs[j]), (hp, values[i], values[j])
 
 
+OTHER_SPACES = [n for n in normscore.list_detectors() if normscore.detector_info(n)["search_space"] and n not in ZOO]
+
+
+@pytest.mark.parametrize("name", OTHER_SPACES)
+def test_search_spaces_outside_the_zoo_change_the_scores(name):
+    """energy, featurenorm, gradnorm, fusion, ...: every value of every search-space entry gives
+    different scores (fitted with the model, since some are multi-pass or need input views)."""
+    torch.manual_seed(0)
+    model = TinyCNN(num_classes=5).eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(10.0)
+    loader = make_loader(n=40, batch=20, size=16, classes=5)
+    x = torch.randn(12, 3, 16, 16)
+    for hp, values in normscore.detector_info(name)["search_space"].items():
+        runs = [normscore.create(name, **{hp: v}).fit(model, loader).score(x) for v in values]
+        for i in range(len(values)):
+            assert torch.isfinite(runs[i]).all(), (name, hp, values[i])
+            for j in range(i):
+                assert _distinct(runs[i], runs[j]), f"{name}: {hp}={values[i]} and {values[j]} give the same scores"
+
+
 # ---------------------------------------------------------------------------------------------
 # one shared pass, batch-size invariance, persistence
 
