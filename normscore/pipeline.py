@@ -152,15 +152,21 @@ class ScoringModule(nn.Module):
             if bad:
                 raise ConfigError(f"detectors {bad} need gradients or the live model; they cannot run hook-free.")
         if example_input is not None:
-            self.adapter.ensure_resolved(prepare_input(example_input, self.adapter, model))
+            example_input = prepare_input(example_input, self.adapter, model)
+            self.adapter.ensure_resolved(example_input)
             if hook_free:
-                self._build_graph()
+                self._build_graph(example_input)
 
-    def _build_graph(self) -> _GraphScorer:
+    def _build_graph(self, example: torch.Tensor) -> _GraphScorer:
         if self.graph_scorer is None:
             spec = _spec(self.detector, self.adapter)
             with eval_mode(self.model):
                 self.graph_scorer = _GraphScorer(self.model, self.adapter, spec)
+                # one eager scoring pass fills the detectors' score-time caches (thresholds read
+                # from tables, Gram matrices, ...), so that a later trace or export sees them as
+                # constants instead of data-dependent computations
+                with torch.no_grad():
+                    _scores(self.detector, self.graph_scorer(example[:1]))
         return self.graph_scorer
 
     def _apply(self, fn: Any, recurse: bool = True) -> ScoringModule:
@@ -183,8 +189,9 @@ class ScoringModule(nn.Module):
         if self.graph_scorer is None:
             if torch.jit.is_tracing() or torch.compiler.is_compiling():
                 raise ConfigError("pass example_input= to ScoringModule(hook_free=True) before tracing or exporting.")
-            self.adapter.ensure_resolved(prepare_input(x, self.adapter, self.model))
-            self._build_graph()
+            x0 = prepare_input(x, self.adapter, self.model)
+            self.adapter.ensure_resolved(x0)
+            self._build_graph(x0)
         assert self.graph_scorer is not None
         feats = self.graph_scorer(x)
         return feats["logits"], _scores(self.detector, feats)

@@ -67,6 +67,31 @@ def test_hook_free_path_traces_exports_and_compiles(arch):
             assert torch.allclose(scores[k], ref[k], rtol=1e-5, atol=1e-5), (how, k)
 
 
+def test_every_exportable_detector_traces_and_exports():
+    """All registered detectors that `exportable` accepts, in one hook-free set on timm resnet18:
+    jit.trace and torch.export give the hooked scores (knn switches from faiss to its exact torch
+    search under tracing, so the trace does not bake in faiss results)."""
+    from zoo_helpers import SMALL_DATA_HPARAMS
+
+    model = _models()["resnet18"]
+    x = torch.randn(4, 3, 32, 32)
+    names = [n for n in normscore.list_detectors() if exportable(normscore.create(n))]
+    assert {"knn", "mahalanobis", "vim", "featurenorm", "fusion"} <= set(names)
+    dets = [normscore.create(n, **SMALL_DATA_HPARAMS.get(n, {})) for n in names]
+    ds = normscore.DetectorSet(dets).fit(model, make_loader(n=40, size=32, classes=5))
+    _, ref = ScoringModule(model, ds)(x)
+    hf = ScoringModule(model, ds, hook_free=True, example_input=x)
+    x2 = torch.randn(4, 3, 32, 32)  # not the example input: nothing may be baked in
+    _, ref2 = ScoringModule(model, ds)(x2)
+    outs = {
+        "jit.trace": torch.jit.trace(hf, x, strict=False, check_trace=False)(x2),
+        "export": torch.export.export(hf, (x,)).module()(x2),
+    }
+    for how, (_, scores) in outs.items():
+        for k in ref:
+            assert torch.allclose(scores[k], ref2[k], rtol=1e-4, atol=1e-4), (how, k)
+
+
 def test_torch_compile_of_hook_free_module():
     model = _models()["resnet18"]
     x = torch.randn(2, 3, 32, 32)

@@ -448,7 +448,8 @@ class Detector(metaclass=_DetectorMeta):
         if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
             return hit[2]
         value = fn()
-        memo[name] = (tuple(weakref.ref(t) for t in tensors), versions, value)
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # never cache traced values
+            memo[name] = (tuple(weakref.ref(t) for t in tensors), versions, value)
         return value
 
     def to(self: D, device: torch.device | str) -> D:

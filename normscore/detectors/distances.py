@@ -483,7 +483,8 @@ class ViM(Detector):
     def alpha(self) -> float:
         """``alpha`` for the current ``dim``."""
         d = self.principal_dim(self.eigvecs_.shape[0])
-        return float(self.maxlogit_mean_ / self.resid_mean_[d])
+        r = self.resid_mean_
+        return self._memo(f"alpha_{d}", (r,), lambda: float(self.maxlogit_mean_ / r[d]))
 
     def residual(self, h: torch.Tensor) -> torch.Tensor:
         """``|(h - o) P_perp|`` in float64, ``[B]``."""
@@ -617,8 +618,7 @@ class FDBD(Detector):
             sq = (w * w).sum(1)
             den2 = (sq[y][:, None] + sq[None, :] - 2.0 * (w[y] @ w.T)).clamp_min(0)
         gap = (z.gather(1, y[:, None]) - z).abs()
-        other = torch.ones_like(gap, dtype=torch.bool)
-        other.scatter_(1, y[:, None], False)
+        other = torch.arange(gap.shape[1], device=gap.device)[None, :] != y[:, None]
         ratio = torch.where(other, gap / den2.sqrt().clamp_min(1e-12), torch.zeros_like(gap))
         mean_ratio = ratio.sum(1) / max(1, z.shape[1] - 1)
         ref = h - self.mean_.to(h.device) if self.distance_as_normalizer else h

@@ -42,6 +42,7 @@ def _energy_of(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 def _kept(n: int, percentile: float) -> int:
     """Number of activations kept above the ``percentile``: ``n - round(n p / 100)`` (>= 1)."""
+    n = int(n)  # a traced size (torch.jit.trace) is a tensor; D is fixed for a model
     return max(1, n - round(n * float(percentile) / 100.0))
 
 
@@ -53,9 +54,7 @@ def _ratio(s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
 def _top_mask(h: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries per row; ties broken by lower index (stable)."""
     order = torch.sort(h, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(h, dtype=torch.bool)
-    mask.scatter_(1, order, True)
-    return mask
+    return torch.zeros_like(h, dtype=torch.bool).scatter(1, order, torch.ones_like(order, dtype=torch.bool))
 
 
 @register
@@ -109,7 +108,8 @@ class ReAct(Detector):
     @property
     def threshold(self) -> float:
         """The clipping threshold ``c`` for the current ``percentile``."""
-        return percentile_from_table(self.activation_quantiles_, self.percentile)
+        table, p = self.activation_quantiles_, float(self.percentile)
+        return self._memo(f"threshold_{p!r}", (table,), lambda: percentile_from_table(table, p))
 
     def score_features(self, feats: Features) -> torch.Tensor:
         h = feats.require("penultimate").float()
