@@ -119,11 +119,12 @@ def feats_of(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor 
 def bench_hooks(quick: bool) -> None:
     import timm
 
-    repeat = 3 if quick else 7
+    repeat = 2 if quick else 7
     for arch in ("resnet50", "vit_small_patch16_224"):
         torch.manual_seed(0)
         model = timm.create_model(arch, pretrained=False).eval()
-        x = torch.randn(16, 3, 224, 224)
+        bsz = 8 if quick else 16  # --quick: a smoke run; the table in docs/ uses batch 16
+        x = torch.randn(bsz, 3, 224, 224)
         fit = [torch.randn(8, 3, 224, 224) for _ in range(2)]
         adapter = normscore.get_adapter(model)
         adapter.ensure_resolved(x[:1])
@@ -137,7 +138,7 @@ def bench_hooks(quick: bool) -> None:
                     model(x)
 
             t = timed({"ours": lambda: det.score(x), "ref": plain}, repeat)
-            emit(f"hook_overhead/{name}/{arch}", t["ours"], t["ref"], {"batch": 16, "px": 224, "target": "<= 1.05"})
+            emit(f"hook_overhead/{name}/{arch}", t["ours"], t["ref"], {"batch": bsz, "px": 224, "target": "<= 1.05"})
             if name == "energy":  # the pipeline path: logits and scores from one pass
                 hooked = normscore.ScoringModule(model, det)
                 graph = normscore.ScoringModule(model, det, hook_free=True, example_input=x[:1])
@@ -152,7 +153,7 @@ def bench_hooks(quick: bool) -> None:
                         f"scoring_module/{kind}/{name}/{arch}",
                         t[kind],
                         t["ref"],
-                        {"batch": 16, "px": 224, "target": "<= 1.05", "returns": "(logits, scores)"},
+                        {"batch": bsz, "px": 224, "target": "<= 1.05", "returns": "(logits, scores)"},
                     )
 
 
@@ -503,7 +504,9 @@ def main() -> None:
     only = args.only.split(",") if args.only else list(SECTIONS)
     t0 = time.time()
     for s in only:
+        t1 = time.time()
         SECTIONS[s](args.quick)
+        print(json.dumps({"name": f"section/{s}", "seconds": round(time.time() - t1, 1)}), flush=True)
     print(
         json.dumps(
             {"name": "total", "seconds": round(time.time() - t0, 1), "threads": args.threads, "quick": args.quick}

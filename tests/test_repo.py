@@ -47,3 +47,17 @@ def test_changelog_and_docs_exist():
     assert (ROOT / "CHANGELOG.md").exists()
     for page in ("index.md", "quickstart.md", "api.md", "methods.md", "architecture.md"):
         assert (ROOT / "docs" / page).exists(), page
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    import re
+
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
