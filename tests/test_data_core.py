@@ -62,3 +62,31 @@ def test_small_cnn_trains_and_is_adapted():
     a = normscore.get_adapter(model)
     a.ensure_resolved(x[:1])
     assert a.block_names == ["blocks.0", "blocks.1", "blocks.2", "blocks.3"] and a.head_name == "fc"
+
+
+def test_deterministic_training_turns_onednn_off_for_the_training_only():
+    """With several threads oneDNN's convolution backward may sum in a schedule-dependent order
+    (two cold normscore-bench trainings on a loaded machine gave different weights);
+    deterministic=True trains with oneDNN off (bitwise reproducible) and restores the flag."""
+    from normscore.models import small_cnn
+    from normscore.training import train_classifier
+
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(
+        torch.rand(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+    )
+    before = torch.backends.mkldnn.enabled
+    for det in (True, False):
+        seen = []
+        torch.manual_seed(0)
+        model = small_cnn(width=8)
+        model.register_forward_hook(lambda m, i, o, seen=seen: seen.append(torch.backends.mkldnn.enabled))
+        train_classifier(model, ds, epochs=1, batch_size=32, progress=False, deterministic=det)
+        assert seen and all(s == (not det) for s in seen)
+        assert torch.backends.mkldnn.enabled == before
+    hashes = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = train_classifier(small_cnn(width=8), ds, epochs=1, batch_size=32, progress=False, deterministic=True)
+        hashes.append(torch.cat([t.flatten().float() for t in model.state_dict().values()]))
+    assert torch.equal(hashes[0], hashes[1])
