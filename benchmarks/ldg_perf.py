@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -31,24 +32,15 @@ import normscore
 from normscore.metrics import auroc
 from normscore.taps import BackwardSpec, CaptureSpec, capture
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf import timed  # noqa: E402  (median of interleaved repeats, one warm-up)
+
 
 def emit(name: str, ours: float, ref: float, params: dict, **extra: object) -> None:
     row = {"name": name, "ours_s": round(ours, 6), "ref_s": round(ref, 6), "ratio": round(ours / ref, 4)}
     row["params"] = params
     row.update(extra)
     print(json.dumps(row), flush=True)
-
-
-def interleaved(fns: dict, repeat: int) -> dict[str, float]:
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def engine(quick: bool) -> None:
@@ -83,7 +75,7 @@ def engine(quick: bool) -> None:
     a, b = ours(), ref()
     rel = float((a - b).abs().max() / b.abs().max())
     lse = BackwardSpec(objective=lambda z: torch.logsumexp(z, 1))
-    t = interleaved(
+    t = timed(
         {
             "ours": ours,
             "ref": ref,
@@ -125,7 +117,7 @@ def sketch_vs_exact(quick: bool) -> None:
             det.fit(model, fit)
         fit_s[method] = time.perf_counter() - t0
         dets[method] = det
-    t = interleaved({m: (lambda d=d: d.score(xi[:200])) for m, d in dets.items()}, 2 if quick else 3)
+    t = timed({m: (lambda d=d: d.score(xi[:200])) for m, d in dets.items()}, 2 if quick else 3)
     for method, det in dets.items():
         score_s[method] = t[method]
         aucs[method] = auroc(det.score(xi), det.score(xo))

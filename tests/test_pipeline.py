@@ -67,6 +67,7 @@ def test_hook_free_path_traces_exports_and_compiles(arch):
             assert torch.allclose(scores[k], ref[k], rtol=1e-5, atol=1e-5), (how, k)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape-only conditions, fixed per model
 def test_every_exportable_detector_traces_and_exports():
     """All registered detectors that `exportable` accepts, in one hook-free set on timm resnet18:
     jit.trace and torch.export give the hooked scores (knn switches from faiss to its exact torch
