@@ -233,17 +233,28 @@ def check_labels(y: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
     return y
 
 
+def _version(t: Any) -> int | None:
+    """In-place version counter of a tensor (``None`` for non-tensors and inference tensors)."""
+    if not isinstance(t, torch.Tensor) or t.is_inference():
+        return None
+    return t._version
+
+
 class LazyCache:
     """Caches one derived value; rebuilt when its key changes.
 
-    Key items that are tensors are compared by identity (the cache holds a reference, so an
-    identity match means the very same tensor); other items by equality. Fitted tensors get
-    new identities on ``fit``, ``load_state_dict`` and ``to(device)``, so derived values are
-    rebuilt exactly when they must be.
+    Key items that are tensors are compared by identity and by their in-place version counter
+    (the cache holds a reference, so an identity match means the very same tensor, and the
+    version catches in-place updates such as an optimizer step on a head weight); other items
+    by equality. Fitted tensors get new identities on ``fit``, ``load_state_dict`` and
+    ``to(device)``, so derived values are rebuilt exactly when they must be. Values computed
+    while tracing (``torch.jit.trace``, ``torch.compile``, ``torch.export``) are returned but
+    never stored: they may be symbolic.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
+        self._versions: tuple | None = None
         self._value: Any = None
 
     @staticmethod
@@ -259,13 +270,17 @@ class LazyCache:
         return True
 
     def get(self, key: tuple, build: Callable[[], Any]) -> Any:
-        if self._key is None or not self._same(self._key, key):
-            self._value = build()
-            self._key = key
+        versions = tuple(_version(k) for k in key)
+        if self._key is None or not self._same(self._key, key) or self._versions != versions:
+            value = build()
+            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+                return value
+            self._value, self._key, self._versions = value, key, versions
         return self._value
 
     def clear(self) -> None:
         self._key = None
+        self._versions = None
         self._value = None
 
     # a copied detector starts with an empty cache (values such as faiss indices do not copy)

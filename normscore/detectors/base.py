@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
@@ -29,6 +28,7 @@ from ..adapters import Adapter, get_adapter
 from ..errors import ConfigError, InputError, NotFittedError, did_you_mean
 from ..stats import all_gather_cat, all_reduce_int
 from ..taps import CaptureSpec, Features, capture
+from ._zoo import LazyCache
 
 __all__ = [
     "Decision",
@@ -436,21 +436,17 @@ class Detector(metaclass=_DetectorMeta):
 
         save(self, path)
 
-    def _memo(self, name: str, tensors: tuple[torch.Tensor, ...], fn: Any) -> Any:
-        """``fn()`` cached under ``name`` until one of ``tensors`` is replaced (another object)
-        or modified in place (its version counter moves). For score-time constants derived from
-        fitted state or the model's head parameters (normalised or float64 weights, Gram
-        matrices), so they are not recomputed for every batch. Pass stable objects (fitted
-        attributes, ``nn.Parameter``s), not fresh views."""
-        memo = self.__dict__.setdefault("_memo_cache", {})
-        versions = tuple(t._version for t in tensors)
-        hit = memo.get(name)
-        if hit is not None and hit[1] == versions and all(r() is t for r, t in zip(hit[0], tensors)):
-            return hit[2]
-        value = fn()
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # never cache traced values
-            memo[name] = (tuple(weakref.ref(t) for t in tensors), versions, value)
-        return value
+    def _memo(self, name: str, key: tuple, build: Any) -> Any:
+        """``build()`` cached under ``name`` (a :class:`~normscore.detectors._zoo.LazyCache`
+        per name) until ``key`` changes: tensors in it by identity and in-place version. For
+        score-time constants derived from fitted state or the model's head parameters, so they
+        are not recomputed for every batch. Pass stable objects (fitted attributes,
+        ``nn.Parameter``s), not fresh views."""
+        caches = self.__dict__.setdefault("_memo_cache", {})
+        cache = caches.get(name)
+        if cache is None:
+            cache = caches[name] = LazyCache()
+        return cache.get(key, build)
 
     def to(self: D, device: torch.device | str) -> D:
         """Move fitted tensors to ``device``."""

@@ -484,7 +484,7 @@ class ViM(Detector):
         """``alpha`` for the current ``dim``."""
         d = self.principal_dim(self.eigvecs_.shape[0])
         r = self.resid_mean_
-        return self._memo(f"alpha_{d}", (r,), lambda: float(self.maxlogit_mean_ / r[d]))
+        return self._memo("alpha", (r, d), lambda: float(self.maxlogit_mean_ / r[d]))
 
     def residual(self, h: torch.Tensor) -> torch.Tensor:
         """``|(h - o) P_perp|`` in float64, ``[B]``."""
@@ -492,7 +492,7 @@ class ViM(Detector):
         vecs = self.eigvecs_
         # a contiguous copy, made once: the column slice is strided, and a strided GEMM operand
         # costs a full copy of the D x (D - d) matrix on every call
-        ns = self._memo(f"null_space_{d}", (vecs,), lambda: vecs[:, d:].contiguous())
+        ns = self._memo("null_space", (vecs, d), lambda: vecs[:, d:].contiguous())
         return ((h.double().to(ns.device) - self.origin_) @ ns).norm(dim=1)
 
     def score_features(self, feats: Features) -> torch.Tensor:

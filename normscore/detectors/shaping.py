@@ -109,7 +109,7 @@ class ReAct(Detector):
     def threshold(self) -> float:
         """The clipping threshold ``c`` for the current ``percentile``."""
         table, p = self.activation_quantiles_, float(self.percentile)
-        return self._memo(f"threshold_{p!r}", (table,), lambda: percentile_from_table(table, p))
+        return self._memo("threshold", (table, p), lambda: percentile_from_table(table, p))
 
     def score_features(self, feats: Features) -> torch.Tensor:
         h = feats.require("penultimate").float()
