@@ -19,6 +19,7 @@ import math
 import torch
 
 from .errors import ConfigError, InputError
+from .taps import tracing
 
 __all__ = ["KNNBank"]
 
@@ -43,13 +44,6 @@ def _faiss():
         if faiss.cvar.distance_compute_blas_threshold > FAISS_BLAS_THRESHOLD:
             faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
     return faiss
-
-
-def _tracing() -> bool:
-    """True under torch.jit.trace, torch.compile and torch.export: faiss is a NumPy call those
-    cannot see (a trace would bake its result in as a constant), so the exact torch search
-    (same neighbours, float32 GEMM + top-k) is used instead."""
-    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 class KNNBank:
@@ -139,7 +133,9 @@ class KNNBank:
                 f"k={k} nearest neighbours requested but the bank holds only {n} vectors; lower k or fit on more data."
             )
         q = self._prep(q, self.normalize)
-        if self._index is not None and q.device.type == "cpu" and not _tracing():
+        if (
+            self._index is not None and q.device.type == "cpu" and not tracing()
+        ):  # faiss is invisible to a trace: exact torch search
             d2, idx = self._index.search(q.contiguous().numpy(), k)
             d2 = torch.from_numpy(d2).clamp_min(0)
             return d2.sqrt(), torch.from_numpy(idx)

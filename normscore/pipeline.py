@@ -25,7 +25,17 @@ from .detectors.base import Detector
 from .detectors.dset import DetectorSet
 from .errors import ConfigError, InputError
 from .progress import progress_bar
-from .taps import CaptureSpec, Features, block_key, capture, eval_mode, model_device, prepare_input, reduce_block
+from .taps import (
+    CaptureSpec,
+    Features,
+    block_key,
+    capture,
+    eval_mode,
+    model_device,
+    prepare_input,
+    reduce_block,
+    tracing,
+)
 
 __all__ = ["ScoringModule", "exportable", "score_loader"]
 
@@ -187,7 +197,7 @@ class ScoringModule(nn.Module):
             feats = capture(self.adapter, x, _spec(self.detector, self.adapter))
             return feats["logits"], _scores(self.detector, feats)
         if self.graph_scorer is None:
-            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            if tracing():
                 raise ConfigError("pass example_input= to ScoringModule(hook_free=True) before tracing or exporting.")
             x0 = prepare_input(x, self.adapter, self.model)
             self.adapter.ensure_resolved(x0)

@@ -44,6 +44,7 @@ __all__ = [
     "prepare_input",
     "reduce_block",
     "register_view",
+    "tracing",
     "view_key",
 ]
 
@@ -78,6 +79,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
                 for m, flag in entry[1]:
                     m.training = flag
                 del _GUARDS[model]
+
+
+def tracing() -> bool:
+    """True under ``torch.jit.trace``, ``torch.compile`` and ``torch.export``: code that calls
+    NumPy/faiss or caches values must take its traceable path then."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def model_device(model: nn.Module) -> torch.device:

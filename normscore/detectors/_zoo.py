@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..stats import all_gather_cat, distributed_active
+from ..taps import tracing
 
 #: Budget of the row samples (number of float values, i.e. rows x feature dimension): 2**22
 #: values (16 MB in float32). With 2048-d features this keeps 2048 rows, with 128-d features
@@ -273,7 +274,7 @@ class LazyCache:
         versions = tuple(_version(k) for k in key)
         if self._key is None or not self._same(self._key, key) or self._versions != versions:
             value = build()
-            if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            if tracing():
                 return value
             self._value, self._key, self._versions = value, key, versions
         return self._value
