@@ -133,9 +133,8 @@ class KNNBank:
                 f"k={k} nearest neighbours requested but the bank holds only {n} vectors; lower k or fit on more data."
             )
         q = self._prep(q, self.normalize)
-        if (
-            self._index is not None and q.device.type == "cpu" and not tracing()
-        ):  # faiss is invisible to a trace: exact torch search
+        # faiss is invisible to a trace (trace/compile/export): the exact torch search then
+        if self._index is not None and q.device.type == "cpu" and not tracing():
             d2, idx = self._index.search(q.contiguous().numpy(), k)
             d2 = torch.from_numpy(d2).clamp_min(0)
             return d2.sqrt(), torch.from_numpy(idx)
