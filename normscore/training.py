@@ -6,6 +6,7 @@ fine-tuning methods (RNA, Separation) live in :mod:`normscore.finetune`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -42,22 +43,6 @@ def train_classifier(
     weights); on an idle machine repeated runs were identical. ``deterministic=True`` trains
     with oneDNN off: bitwise reproducible at any thread count, about 2.5x slower (2 cores).
     """
-    if deterministic:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
-            with torch.backends.mkldnn.flags(enabled=False):
-                return train_classifier(
-                    model,
-                    train_set,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    weight_decay=weight_decay,
-                    seed=seed,
-                    device=device,
-                    augment=augment,
-                    progress=progress,
-                )
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
@@ -66,7 +51,12 @@ def train_classifier(
     steps = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     bar = progress_bar(total=steps, desc="train", enabled=progress, unit="step")
-    try:
+    with contextlib.ExitStack() as stack:
+        if deterministic:  # oneDNN off for the training (torch's own kernels are order-stable)
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.callback(bar.close)
         for _ in range(epochs):
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
@@ -79,8 +69,6 @@ def train_classifier(
                 sched.step()
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
-    finally:
-        bar.close()
     opt.zero_grad(set_to_none=True)
     return model.eval()
 
