@@ -65,10 +65,7 @@ def model() -> torch.nn.Module:
 def fit_all(out: Path, tag: str, loader, names: list[str]) -> None:
     m = model()
     for name in names:
-        hp = DETECTORS[name]
-        if name not in normscore.list_detectors():
-            continue
-        det = normscore.create(name, **hp).fit(m, loader)
+        det = normscore.create(name, **DETECTORS[name]).fit(m, loader)
         if not dist.is_initialized() or dist.get_rank() == 0:
             det.save(out / f"{tag}-{name}.ns")
 

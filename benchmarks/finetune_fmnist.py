@@ -11,9 +11,8 @@ Two tracks, every row with the same seeds, data, augmentation and budget:
   clustering losses from the middle epoch on).
 
 Every trained model is scored with msp, energy, penultimate_norm and separation (the
-registered detectors, eval mode) on the Fashion-MNIST test set (ID) against every OOD set that
-``normscore.data.list_datasets()`` offers of: mnist-5k, opencv-digits, sklearn-digits, textures,
-photos, noise. The auxiliary OOD set is ``normscore.finetune.aux_ood_dataset`` (20,000 crops of
+registered detectors, eval mode) on the Fashion-MNIST test set (ID) against mnist-5k,
+opencv-digits, sklearn-digits, textures, photos and noise. The auxiliary OOD set is ``normscore.finetune.aux_ood_dataset`` (20,000 crops of
 scikit-image images that no test set uses).
 
     python benchmarks/finetune_fmnist.py run --track lt --seeds 0 1 2
@@ -39,7 +38,7 @@ import torch
 
 from normscore import CaptureSpec, capture, get_adapter
 from normscore import finetune as ft
-from normscore.data import get_dataset, list_datasets
+from normscore.data import get_dataset
 from normscore.models import small_cnn
 
 OOD_CANDIDATES = ["mnist-5k", "opencv-digits", "sklearn-digits", "textures", "photos", "noise"]
@@ -59,8 +58,7 @@ def slug(s: str) -> str:
 
 
 def ood_sets() -> dict[str, torch.utils.data.Dataset]:
-    have = set(list_datasets())
-    return {n: get_dataset(n, "test", channels=1, image_size=28) for n in OOD_CANDIDATES if n in have}
+    return {n: get_dataset(n, "test", channels=1, image_size=28) for n in OOD_CANDIDATES}
 
 
 def evaluate_model(model, counts, cache: dict) -> dict:

@@ -38,7 +38,7 @@ import torch
 from .. import __version__, taps
 from ..adapters import Adapter
 from ..progress import progress_bar
-from ..taps import CaptureSpec, Features, capture, view_key
+from ..taps import ALL_BLOCKS, CaptureSpec, Features, capture, view_key
 
 __all__ = ["CACHE_FORMAT", "ExtractStats", "FeatureCache", "spec_for_keys", "spec_keys"]
 
@@ -47,10 +47,6 @@ CACHE_FORMAT = 1
 
 # ---------------------------------------------------------------------------------------------
 # capture specs <-> feature keys
-
-
-#: block name standing for every candidate block (normscore.taps.ALL_BLOCKS)
-ALL_BLOCKS = getattr(taps, "ALL_BLOCKS", "*")
 
 
 def _base_keys(spec: CaptureSpec, adapter: Adapter | None) -> set[str]:
