@@ -839,6 +839,8 @@ class StreamedOperator:
 
     dim: int
     n: int
+    #: rows of ``A`` held by this rank under torch.distributed (default: all ``n``)
+    n_local: int | None = None
     #: upper bound on rank(A) (default ``min(n, dim)``; e.g. ``n - 1`` for centred rows)
     max_rank: int | None = None
     rows_distributed: bool = False
@@ -908,7 +910,7 @@ def randomized_subspace(
         # range(A^T) exactly, so a single iteration is exact (no parameter-space Gaussian).
         rank_id = torch.distributed.get_rank() if op.rows_distributed else 0
         g.manual_seed(int(seed) + 7919 * rank_id)
-        y = torch.randn(op.n_local if hasattr(op, "n_local") else op.n, l_, generator=g, dtype=torch.float64)
+        y = torch.randn(op.n_local if op.n_local is not None else op.n, l_, generator=g, dtype=torch.float64)
         n_iter = 1
         p = torch.empty(op.dim, l_, dtype=dtype, device=device)
     else:
