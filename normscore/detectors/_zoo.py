@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..stats import all_gather_cat, distributed_active
-from ..taps import tracing
+from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
+from ..taps import Features, tracing
 
 #: Budget of the row samples (number of float values, i.e. rows x feature dimension): 2**22
 #: values (16 MB in float32). With 2048-d features this keeps 2048 rows, with 128-d features
@@ -232,6 +232,28 @@ def check_labels(y: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
             "training data of the model's own classes."
         )
     return y
+
+
+class FeatureMean:
+    """Streamed float64 mean of the penultimate features, summed over ranks under
+    ``torch.distributed`` (DICE's ``mean(h)``, fDBD's ``mu_train``)."""
+
+    def __init__(self, detector: str) -> None:
+        self.detector = detector
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def update(self, feats: Features) -> None:
+        h = feats.require("penultimate").double()
+        s = h.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += h.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.sum is None or self.n == 0:
+            raise InputError(f"{self.detector} saw no fit samples.")
+        all_reduce_sum(self.sum)
+        return self.sum / all_reduce_int(self.n)
 
 
 def _version(t: Any) -> int | None:

@@ -19,6 +19,7 @@ from ..knn import KNNBank
 from ..stats import ClassMoments, RunningMoments, all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
 from ..taps import CaptureSpec, Features
 from ._zoo import (
+    FeatureMean,
     LazyCache,
     RowSample,
     check_labels,
@@ -587,23 +588,15 @@ class FDBD(Detector):
 
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter
-        self._sum: torch.Tensor | None = None
-        self._n = 0
+        self._mean = FeatureMean(self.name)
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate").double()
-        s = h.sum(0)
-        self._sum = s if self._sum is None else self._sum + s
-        self._n += h.shape[0]
+        self._mean.update(feats)
 
     def _fit_end(self) -> None:
-        if self._sum is None or self._n == 0:
-            raise InputError("fdbd saw no fit samples.")
-        all_reduce_sum(self._sum)
-        self._n = all_reduce_int(self._n)
-        self.mean_ = self._sum / self._n
+        self.mean_ = self._mean.mean()
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
-        del self._sum, self._n, self._adapter_fit
+        del self._mean, self._adapter_fit
 
     def score_features(self, feats: Features) -> torch.Tensor:
         z = feats.require("logits").double()

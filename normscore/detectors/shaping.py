@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..stats import all_reduce_int, all_reduce_sum
 from ..taps import CaptureSpec, Features
 from ._zoo import (
+    FeatureMean,
     LazyCache,
     RowSample,
     feature_positions,
@@ -230,23 +230,15 @@ class DICE(Detector):
 
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter
-        self._sum: torch.Tensor | None = None
-        self._n = 0
+        self._mean = FeatureMean(self.name)
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate").double()
-        s = h.sum(0)
-        self._sum = s if self._sum is None else self._sum + s
-        self._n += h.shape[0]
+        self._mean.update(feats)
 
     def _fit_end(self) -> None:
-        if self._sum is None or self._n == 0:
-            raise InputError("dice saw no fit samples.")
-        all_reduce_sum(self._sum)
-        self._n = all_reduce_int(self._n)
-        self.mean_ = (self._sum / self._n).float()
+        self.mean_ = self._mean.mean().float()
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
-        del self._sum, self._n, self._adapter_fit
+        del self._mean, self._adapter_fit
 
     def masked_weight(self) -> torch.Tensor:
         """``W * M`` for the current ``percentile`` (cached)."""
