@@ -43,14 +43,18 @@ def emit(name: str, ours: float, ref: float, params: dict, **extra: object) -> N
     print(json.dumps(row), flush=True)
 
 
-def engine(quick: bool) -> None:
+def resnet18_engine(batch: int, k: int, size: int, seed: int | None = 0) -> dict:
+    """The exact projection route and its references on timm resnet18 (random weights and V):
+    callables ``ours`` (one forward + one batched backward, per-layer gradients projected),
+    ``vmap`` (full per-sample gradients + dense projection), ``gemm`` (the projection GEMM
+    alone), ``fwd_bwd`` and ``fwd_bwd_formation``; ``dim`` = number of parameters."""
     import timm
     from torch.func import functional_call, grad, vmap
 
     from normscore.persample import ExactGradients, resolve_layers
 
-    batch, k, size = (16, 32, 32) if quick else (32, 200, 32)
-    torch.manual_seed(0)
+    if seed is not None:
+        torch.manual_seed(seed)
     m = timm.create_model("resnet18", num_classes=1000).eval()
     x = torch.randn(batch, 3, size, size)
     ad = normscore.get_adapter(m)
@@ -61,30 +65,33 @@ def engine(quick: bool) -> None:
     bufs = dict(m.named_buffers())
     order = [f"{s.name}.{p}" for s in eng.slots for p in s.params]
     g = torch.randn(batch, eng.dim)
+    lse = BackwardSpec(objective=lambda z: torch.logsumexp(z, 1))
 
     def f1(p, xi):
         return torch.logsumexp(functional_call(m, (p, bufs), (xi[None],)), 1)[0]
 
-    def ours():
-        return capture(ad, x, CaptureSpec(backward=eng.projection_spec(v, "p")))["p"]
-
-    def ref():
+    def vm():
         gr = vmap(grad(f1), in_dims=(None, 0))(params, x)
         return torch.cat([gr[n].reshape(batch, -1) for n in order], 1) @ v
 
+    return {
+        "dim": eng.dim,
+        "ours": lambda: capture(ad, x, CaptureSpec(backward=eng.projection_spec(v, "p")))["p"],
+        "vmap": vm,
+        "gemm": lambda: g @ v,
+        "fwd_bwd": lambda: capture(ad, x, CaptureSpec(backward=lse)),
+        "fwd_bwd_formation": lambda: eng.run(ad, x, lambda i, r0, f: None),
+    }
+
+
+def engine(quick: bool) -> None:
+    batch, k, size = (16, 32, 32) if quick else (32, 200, 32)
+    e = resnet18_engine(batch, k, size)
+    ours, ref = e["ours"], e["vmap"]
     a, b = ours(), ref()
     rel = float((a - b).abs().max() / b.abs().max())
-    lse = BackwardSpec(objective=lambda z: torch.logsumexp(z, 1))
-    t = timed(
-        {
-            "ours": ours,
-            "ref": ref,
-            "gemm": lambda: g @ v,
-            "fwd_bwd": lambda: capture(ad, x, CaptureSpec(backward=lse)),
-        },
-        2 if quick else 3,
-    )
-    p = {"model": "timm resnet18", "params": eng.dim, "K": k, "batch": batch, "px": size}
+    t = timed({"ours": ours, "ref": ref, "gemm": e["gemm"], "fwd_bwd": e["fwd_bwd"]}, 2 if quick else 3)
+    p = {"model": "timm resnet18", "params": e["dim"], "K": k, "batch": batch, "px": size}
     emit("ldg/exact_vs_vmap", t["ours"], t["ref"], p, max_rel_diff=rel, target="faster (issue prototype 1.7x)")
     emit(
         "ldg/exact_vs_gemm",

@@ -102,38 +102,17 @@ def engine_check(batch: int, k: int, size: int) -> dict[str, float]:
     the projection GEMM ``[B, |theta|] @ [|theta|, K]`` alone, and vmap of full per-sample
     gradients followed by that GEMM.
     """
-    import timm
-    from torch.func import functional_call, grad, vmap
+    from ldg_perf import resnet18_engine
 
-    from normscore.persample import ExactGradients, resolve_layers
-
-    m = timm.create_model("resnet18", num_classes=1000).eval()
-    x = torch.randn(batch, 3, size, size)
-    ad = normscore.get_adapter(m)
-    ad.ensure_resolved(x)
-    eng = ExactGradients(resolve_layers(ad, "all", x).slots)
-    v = torch.randn(eng.dim, k) * 1e-3
-    lse = BackwardSpec(objective=lambda z: torch.logsumexp(z, 1))
-    params = {n: p.detach() for n, p in m.named_parameters()}
-    bufs = dict(m.named_buffers())
-    order = [f"{s.name}.{p}" for s in eng.slots for p in s.params]
-    g = torch.randn(batch, eng.dim)
-
-    def f1(p, xi):
-        return torch.logsumexp(functional_call(m, (p, bufs), (xi[None],)), 1)[0]
-
-    def vm():
-        gr = vmap(grad(f1), in_dims=(None, 0))(params, x)
-        return torch.cat([gr[n].reshape(batch, -1) for n in order], 1) @ v
-
+    e = resnet18_engine(batch, k, size, seed=None)
     fns = {
-        "ours_s": lambda: capture(ad, x, CaptureSpec(backward=eng.projection_spec(v, "p")))["p"],
-        "forward_backward_s": lambda: capture(ad, x, CaptureSpec(backward=lse)),
-        "forward_backward_formation_s": lambda: eng.run(ad, x, lambda i, r0, f: None),
-        "gemm_s": lambda: g @ v,
-        "vmap_s": vm,
+        "ours_s": e["ours"],
+        "forward_backward_s": e["fwd_bwd"],
+        "forward_backward_formation_s": e["fwd_bwd_formation"],
+        "gemm_s": e["gemm"],
+        "vmap_s": e["vmap"],
     }
-    out: dict[str, float] = {"batch": batch, "k": k, "size": size, "params": eng.dim}
+    out: dict[str, float] = {"batch": batch, "k": k, "size": size, "params": e["dim"]}
     for name, fn in fns.items():
         fn()
         best = float("inf")
@@ -142,7 +121,7 @@ def engine_check(batch: int, k: int, size: int) -> dict[str, float]:
             fn()
             best = min(best, _clock() - t0)
         out[name] = best
-    out["max_abs_diff"] = float((fns["ours_s"]() - vm()).abs().max())
+    out["max_abs_diff"] = float((fns["ours_s"]() - fns["vmap_s"]()).abs().max())
     out["gemm_efficiency"] = out["gemm_s"] / out["ours_s"]
     out["speedup_vs_vmap"] = out["vmap_s"] / out["ours_s"]
     return out
