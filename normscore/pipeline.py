@@ -109,6 +109,10 @@ def _feature_graph(model: nn.Module, head: str | None, blocks: list[str], penult
             f"the model cannot be traced symbolically with torch.fx ({type(e).__name__}: {e}); the "
             "hook-free path is unavailable for it. Use ScoringModule(model, det) (hooks) instead."
         ) from e
+    # the extractor was traced in eval mode (the caller holds eval_mode); torchvision's
+    # DualGraphModule would swap in its *training* graph on .train() (dropout as traced, no
+    # penultimate output): keep the eval graph only, so no mode switch changes what runs
+    fe = torch.fx.GraphModule(fe, fe.graph, class_name=type(model).__name__)
     if penultimate:
         g = fe.graph
         head_node = next((n for n in g.nodes if n.op == "call_module" and n.target == head), None)
@@ -203,7 +207,8 @@ class ScoringModule(nn.Module):
             self.adapter.ensure_resolved(x0)
             self._build_graph(x0)
         assert self.graph_scorer is not None
-        feats = self.graph_scorer(x)
+        with eval_mode(self.model):  # eval semantics for the graph's modules, flags restored
+            feats = self.graph_scorer(x)
         return feats["logits"], _scores(self.detector, feats)
 
 

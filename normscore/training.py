@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .progress import progress_bar
+from .taps import eval_mode
 
 __all__ = ["evaluate_accuracy", "train_classifier"]
 
@@ -83,13 +84,12 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode; mode restored) on a labelled dataset."""
-    was = model.training
-    model.eval()
+    """Top-1 accuracy of ``model`` on a labelled dataset, in eval mode; every module's own
+    train/eval flag is restored afterwards (also on an exception)."""
     correct = total = 0
     dev = next(model.parameters()).device
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
-        total += int(y.numel())
-    model.train(was)
+    with eval_mode(model):
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            correct += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+            total += int(y.numel())
     return correct / max(total, 1)
