@@ -14,13 +14,18 @@ printed and in results.json), 2 on a usage error or missing data/weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import NormscoreError
+
+if TYPE_CHECKING:
+    from .runner import BenchConfig, BenchResult
 
 __all__ = ["build_parser", "main"]
 
@@ -88,7 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data loader worker processes (0)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the data subsets and of the model's training (0)")
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train the model N times (seeds SEED..SEED+N-1, same data) and report mean +- std per cell (1)",
+    )
     g.add_argument(
         "--cache-dir", metavar="DIR", help="feature/model cache (default $NORMSCORE_CACHE_DIR or ~/.cache/normscore)"
     )
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size",
         "train_epochs",
         "image_size",
+        "seeds",
     ):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         command=shlex.join(["normscore-bench", *(sys.argv[1:] if argv is None else argv)]),
     )
     try:
-        res = run_benchmark(cfg)
+        res = run_benchmark(cfg) if args.seeds == 1 else _run_seeds(cfg, args.seeds)
     except NormscoreError as e:
         print(f"normscore-bench: error: {e}", file=sys.stderr)
         return 2
@@ -216,6 +229,30 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet:
             print(f"outputs: {res.out_dir}/", file=sys.stderr)
     return 1 if res.failed else 0
+
+
+def _run_seeds(cfg: BenchConfig, n: int) -> BenchResult:
+    """``--seeds N``: one run per training seed into ``<out>/seed-<s>/``, merged into ``<out>``."""
+    from ..errors import ConfigError
+    from .report import write_outputs
+    from .runner import BenchResult, run_benchmark, trains_model
+    from .seeds import merge_seed_results
+
+    if not trains_model(cfg):
+        raise ConfigError(
+            "--seeds N trains the model N times, but this model is not trained here (pretrained or "
+            "--checkpoint weights). Use --train-epochs E to train it from scratch, or drop --seeds."
+        )
+    runs = []
+    for s in range(cfg.seed, cfg.seed + n):
+        out = os.path.join(cfg.out, f"seed-{s}") if cfg.out else None
+        if cfg.progress:
+            print(f"normscore-bench: training seed {s} ({s - cfg.seed + 1} of {n})", file=sys.stderr)
+        runs.append(run_benchmark(dataclasses.replace(cfg, train_seed=s, out=out)))
+    merged = BenchResult(merge_seed_results([r.results for r in runs]), {}, cfg.out)
+    if cfg.out is not None:
+        write_outputs(merged, cfg.out, plots=cfg.plots, progress=cfg.progress)
+    return merged
 
 
 if __name__ == "__main__":

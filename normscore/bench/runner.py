@@ -54,7 +54,7 @@ from .cache import FeatureCache, spec_keys
 from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash
 from .suites import SUITES, Suite
 
-__all__ = ["BenchConfig", "BenchResult", "SplitRef", "run_benchmark"]
+__all__ = ["BenchConfig", "BenchResult", "SplitRef", "run_benchmark", "trains_model"]
 
 FEATURE_CHUNK = 4096
 
@@ -87,7 +87,8 @@ class BenchConfig:
     search: bool = False
     image_size: int | None = None
     workers: int = 0
-    lr: float = 2e-3
+    train_seed: int | None = None  # seed of the model's initialisation and training (None: seed)
+    lr: float = 0.1
     train_batch_size: int = 128
     plots: bool = True
     progress: bool = True
@@ -241,6 +242,7 @@ def _short_error(e: BaseException) -> str:
 class _Run:
     def __init__(self, cfg: BenchConfig) -> None:
         self.cfg = cfg
+        self.train_seed = cfg.seed if cfg.train_seed is None else cfg.train_seed
         self.log = _log_fn(cfg.progress)
         self.timings: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) of the same stages
@@ -337,7 +339,7 @@ class _Run:
         cfg = self.cfg
         name = cfg.model or (self.suite.model if self.suite else "smallcnn")
         native = self.native_format(name)
-        train = cfg.train_epochs is not None or (name == "smallcnn" and not cfg.checkpoint)
+        train = trains_model(cfg)
         if cfg.train_epochs is not None and cfg.checkpoint:
             raise ConfigError("--checkpoint and --train-epochs exclude each other.")
         epochs = cfg.train_epochs
@@ -360,16 +362,18 @@ class _Run:
             )
             if num_classes is None:
                 num_classes = len(train_set.class_names or []) or int(train_set.labels.max()) + 1
-        lm = build_model(
-            name,
-            num_classes=int(num_classes),
-            in_chans=native.channels,
-            checkpoint=cfg.checkpoint,
-            train=train,
-            native_format=native,
-            id_files=self.info.files,
-            image_size=cfg.image_size,
-        )
+        with torch.random.fork_rng(devices=[]):  # a freshly initialised model is seeded
+            torch.manual_seed(self.train_seed)
+            lm = build_model(
+                name,
+                num_classes=int(num_classes),
+                in_chans=native.channels,
+                checkpoint=cfg.checkpoint,
+                train=train,
+                native_format=native,
+                id_files=self.info.files,
+                image_size=cfg.image_size,
+            )
         if train:
             assert train_set is not None and epochs is not None
             fmt = lm.format
@@ -392,12 +396,14 @@ class _Run:
                 "data": train_set.fingerprint(),
                 "limit": cfg.limit,
                 "format": fmt.describe(),
+                "init_sha256": weights_hash(lm.model),  # architecture, width and initialisation
                 "epochs": int(epochs),
-                "seed": cfg.seed,
+                "seed": self.train_seed,
                 "lr": cfg.lr,
                 "batch_size": cfg.train_batch_size,
                 "weight_decay": 5e-4,
                 "augment": True,
+                "deterministic": True,
             }
             cache_root = None
             if self.cache_root:
@@ -915,6 +921,7 @@ class _Run:
                 else None
             ),
             "seed": cfg.seed,
+            "train_seed": self.train_seed,
             "registered_detectors": list_detectors(),
             "detectors": dets,
             "splits": splits,
@@ -928,6 +935,14 @@ class _Run:
         }
         scores = {r.name: r.scores for r in runs if r.error is None}
         return BenchResult(_json_safe(results), scores, None)
+
+
+def trains_model(cfg: BenchConfig) -> bool:
+    """Whether the run trains its model here (``--train-epochs``, or ``smallcnn`` without a
+    checkpoint) rather than loading pretrained or checkpoint weights."""
+    suite = SUITES.get(cfg.id)
+    name = cfg.model or (suite.model if suite else "smallcnn")
+    return cfg.train_epochs is not None or (name == "smallcnn" and not cfg.checkpoint)
 
 
 def run_benchmark(cfg: BenchConfig) -> BenchResult:

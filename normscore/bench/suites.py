@@ -60,7 +60,7 @@ SUITES: dict[str, Suite] = {
             "sources) nor with the fine-tuning auxiliary OOD set (other scikit-image images)"
         ),
         model="smallcnn",
-        train_epochs=1,
+        train_epochs=3,
         fit_size=10000,
         test_size=1000,
         live_fit_size=500,
