@@ -237,7 +237,7 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[str]:
+def write_plots(res: BenchResult, out: str, *, progress: bool | None = None) -> list[str]:
     """Histogram and ROC PNGs per detector and a summary bar chart; returns the paths."""
     import matplotlib
 
@@ -338,7 +338,7 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
     return paths
 
 
-def write_outputs(res: BenchResult, out: str, *, plots: bool = True, progress: bool = True) -> None:
+def write_outputs(res: BenchResult, out: str, *, plots: bool = True, progress: bool | None = None) -> None:
     """Write ``results.csv``, ``results.json``, ``scores.npz``, ``table.txt`` and (``plots``) PNGs."""
     os.makedirs(out, exist_ok=True)
     pdir = os.path.join(out, "plots")
