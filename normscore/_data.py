@@ -113,7 +113,7 @@ class FitStream:
         *,
         calibration: float = 0.1,
         max_samples: int | None = None,
-        progress: bool = False,
+        progress: bool | None = False,
         desc: str = "fit",
     ) -> None:
         if not isinstance(loader, Iterable) or isinstance(loader, (torch.Tensor, str, bytes)):

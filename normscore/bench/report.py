@@ -5,15 +5,21 @@
   and far-OOD means and the ID accuracy. ``fpr95`` is the ID-positive FPR at 95 % TPR: the
   share of OOD images accepted by the threshold that keeps 95 % of the ID test images (lower is
   better). OpenOOD v1.5's OOD-positive variant is ``fpr95_oodpos`` in the CSV/JSON.
-* **results.csv** - one row per (detector, OOD set or group mean) with every metric as a
-  fraction, the detector's hyperparameters (JSON) and the ID accuracy.
+* **results.csv** - one row per (detector, OOD set or group mean) with every metric and the ID
+  accuracy in percent, rounded to 2 decimals (the table's scale, one more decimal; OpenOOD's
+  CSVs use the same), the detector's hyperparameters (JSON). ``results.json`` keeps the exact
+  fractions.
 * **results.json** - the whole run: versions, machine, model (name, weights SHA-256, training
   recipe), data sets and sizes, seeds, hyperparameters (and the search trace), metrics,
   timings, cache use.
 * **scores.npz** - the raw scores, ``"<detector>/<split>"`` (split ``id`` = ID test).
-* **plots/** - ``hist_<detector>.png`` (ID vs each OOD set), ``roc_<detector>.png`` (ROC curves,
-  ID positive) and ``summary_auroc.png`` (near/far mean AUROC per detector). matplotlib is
-  imported only here, with the headless ``Agg`` backend.
+* **plots/** - ``hist_<detector>.png`` (ID vs each OOD set; the range is the 0.5-99.5
+  percentile of all scores, values outside it are counted into the edge bins and a note in the
+  panel says how many), ``roc_<detector>.png`` (ROC curves in %, ID positive, with the chance
+  diagonal) and ``summary_auroc.png`` (near/far mean AUROC per detector in %, with the 50 %
+  chance line). matplotlib is imported only here, with the headless ``Agg`` backend.
+
+Every metric a person reads (table, plots, ``python -m normscore.demo``) is in percent.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from ..progress import progress_bar
 from .runner import BenchResult
 
-__all__ = ["format_results", "write_csv", "write_json", "write_outputs", "write_plots"]
+__all__ = ["clip_note", "format_results", "write_csv", "write_json", "write_outputs", "write_plots"]
 
 METRICS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out", "detection_error")
 
@@ -51,12 +57,20 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _cell(det: dict[str, Any], label: str, metric: str) -> str:
+    """A metric in percent; ``mean±std`` for runs merged over training seeds (``--seeds``)."""
     if det.get("error"):
         return "err"
     m = det["metrics"].get(label, {})
     if "error" in m:
         return "err"
-    return _pct(m.get(metric))
+    std = det.get("metrics_std", {}).get(label, {}).get(metric)
+    return _pct(m.get(metric)) + ("" if std is None else f"±{_pct(std)}")
+
+
+def _accuracy(results: dict[str, Any]) -> str:
+    idd = results["id"]
+    std = idd.get("accuracy_std")
+    return _pct(idd["accuracy"]) + ("" if std is None else f"±{_pct(std)}")
 
 
 def format_results(results: dict[str, Any], fmt: str = "table") -> str:
@@ -67,7 +81,7 @@ def format_results(results: dict[str, Any], fmt: str = "table") -> str:
         return _csv_text(results)
     cols = _columns(results)
     dets = results["detectors"]
-    acc = _pct(results["id"]["accuracy"])
+    acc = _accuracy(results)
     names = list(dets)
     heads = [(lbl if kind != "mean" else f"{lbl} mean") for lbl, kind in cols]
     if fmt == "markdown":
@@ -80,21 +94,24 @@ def format_results(results: dict[str, Any], fmt: str = "table") -> str:
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}")
     w0 = max(8, *(len(n) for n in names)) if names else 8
-    widths = [max(len(h), 12) for h in heads]
+    cells = {n: [(_cell(dets[n], lbl, "auroc"), _cell(dets[n], lbl, "fpr95")) for lbl, _ in cols] for n in names}
+    wa = max([5, *(len(c[0]) for n in names for c in cells[n])])  # AUROC sub-column
+    wf = max([6, *(len(c[1]) for n in names for c in cells[n])])  # fpr95 sub-column (with a gap)
+    widths = [max(len(h), wa + wf) for h in heads]
+    wacc = max(6, len(acc))
     top = " " * w0
     sub = "detector".ljust(w0)
     for h, w in zip(heads, widths):
         top += "  " + h.center(w)
-        sub += "  " + "AUROC".rjust(5) + "fpr95".rjust(w - 5)
-    top += "  " + "ID".rjust(6)
-    sub += "  " + "acc".rjust(6)
+        sub += "  " + "AUROC".rjust(w - wf) + "fpr95".rjust(wf)
+    top += "  " + "ID".rjust(wacc)
+    sub += "  " + "acc".rjust(wacc)
     out = [top.rstrip(), sub, "-" * len(sub)]
     for n in names:
-        d = dets[n]
         line = n.ljust(w0)
-        for (lbl, _), w in zip(cols, widths):
-            line += "  " + _cell(d, lbl, "auroc").rjust(5) + _cell(d, lbl, "fpr95").rjust(w - 5)
-        line += "  " + acc.rjust(6)
+        for (a, f), w in zip(cells[n], widths):
+            line += "  " + a.rjust(w - wf) + f.rjust(wf)
+        line += "  " + acc.rjust(wacc)
         out.append(line)
     return "\n".join(out)
 
@@ -107,11 +124,18 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     lines = [
         f"ID {idd['dataset']} ({idd['test_size']} test images, detectors fitted on {idd['fit_size']} "
         f"{idd['train_split']} images) - model {m['name']} ({m['weights']}, weights sha256 "
-        f"{m['weights_sha256'][:12]}), ID accuracy {_pct(idd['accuracy'])}%",
+        f"{m['weights_sha256'][:12]}), ID accuracy {_accuracy(results)}%",
         f"OOD: {oods}",
         "AUROC and fpr95 in %. fpr95 = ID-positive FPR at 95% TPR: share of OOD images accepted by the "
         "threshold that keeps 95% of ID images (lower is better); fpr95_oodpos (OpenOOD v1.5) is in results.csv.",
     ]
+    if results.get("train_seeds"):
+        seeds = results["train_seeds"]
+        lines.insert(
+            1,
+            f"mean ± std (sample, ddof=1) over {len(seeds)} training seeds {seeds} on the same data; the weights "
+            "hash shown is the first seed's, every run's outputs are in seed-<s>/",
+        )
     return lines
 
 
@@ -178,6 +202,10 @@ def _csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "params": params,
                 "error": d.get("error") or m.get("error"),
             }
+            if "train_seeds" in results:  # --seeds: the spread of each metric over the trainings
+                sd = d.get("metrics_std", {}).get(t, {})
+                row.update({f"{k}_std": sd.get(k) for k in METRICS})
+                row["id_accuracy_std"] = results["id"].get("accuracy_std")
             rows.append(row)
     return rows
 
@@ -196,12 +224,28 @@ _CSV_FIELDS = [
 ]
 
 
+_CSV_PERCENT = frozenset((*METRICS, "id_accuracy"))
+
+
+def _csv_value(key: str, v: Any) -> Any:
+    """Metrics and accuracy as percent with 2 decimals (``93.81``, not ``0.9381234567``)."""
+    if v is None:
+        return ""
+    if key.removesuffix("_std") in _CSV_PERCENT and isinstance(v, (int, float, np.floating)):
+        return f"{100.0 * float(v):.2f}" if np.isfinite(v) else ""
+    return v
+
+
 def _csv_text(results: dict[str, Any]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n")
+    fields = list(_CSV_FIELDS)
+    if "train_seeds" in results:
+        fields[fields.index("n_id") : fields.index("n_id")] = [f"{k}_std" for k in METRICS]
+        fields.insert(fields.index("id_accuracy") + 1, "id_accuracy_std")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     w.writeheader()
     for r in _csv_rows(results):
-        w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        w.writerow({k: _csv_value(k, v) for k, v in r.items()})
     return buf.getvalue()
 
 
@@ -237,7 +281,26 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[str]:
+def clip_note(series: dict[str, np.ndarray], lo: float, hi: float) -> str | None:
+    """The histogram note for values drawn in the edge bins: below ``lo`` / above ``hi`` (and
+    +-inf) are clipped into the first / last bin; NaN is not drawn. ``None`` when nothing is."""
+    parts, missing = [], 0
+    for label, v in series.items():
+        v = np.asarray(v, dtype=np.float64)
+        n = int(np.count_nonzero(v < lo) + np.count_nonzero(v > hi))
+        missing += int(np.count_nonzero(np.isnan(v)))
+        if n:
+            parts.append(f"{label} {n} of {v.size}")
+    out = []
+    if parts:
+        out.append(f"values outside {lo:.4g} .. {hi:.4g}, counted in the edge bins:")
+        out += [", ".join(parts[i : i + 4]) for i in range(0, len(parts), 4)]
+    if missing:
+        out.append(f"{missing} NaN scores not drawn")
+    return "\n".join(out) or None
+
+
+def write_plots(res: BenchResult, out: str, *, progress: bool | None = None) -> list[str]:
     """Histogram and ROC PNGs per detector and a summary bar chart; returns the paths."""
     import matplotlib
 
@@ -266,6 +329,7 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
             if not hi > lo:
                 lo, hi = lo - 0.5, hi + 0.5
             bins = np.linspace(lo, hi, 61)
+            series = {"ID": s["id"], **{lb: s[lb] for lb in labels}}
             fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
             ax.hist(
                 np.clip(s["id"], lo, hi),
@@ -285,6 +349,12 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
                     color=colors(i % 10),
                     label=lb,
                 )
+            note = clip_note(series, lo, hi)
+            if note:
+                ax.annotate(  # under the x label, where it hides no bar
+                    note, (0, 0), xycoords="axes fraction", xytext=(0, -32), textcoords="offset points",
+                    ha="left", va="top", fontsize=7, color="0.3",
+                )  # fmt: skip
             ax.set_xlabel(f"{name} score (higher = more in-distribution)")
             ax.set_ylabel("density")
             ax.set_title(f"{name}: ID vs OOD score histograms")
@@ -300,10 +370,12 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
                     continue
                 fpr, tpr, _ = roc_curve(s["id"], s[lb])
                 auc = results["detectors"][name]["metrics"].get(lb, {}).get("auroc")
-                ax.plot(fpr, tpr, lw=1.4, color=colors(i % 10), label=f"{lb} (AUROC {_pct(auc)})")
-            ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1)
-            ax.set_xlabel("OOD accepted (FPR)")
-            ax.set_ylabel("ID accepted (TPR)")
+                ax.plot(100 * fpr, 100 * tpr, lw=1.4, color=colors(i % 10), label=f"{lb} (AUROC {_pct(auc)}%)")
+            ax.plot([0, 100], [0, 100], ls=":", color="0.5", lw=1, label="chance (AUROC 50%)")
+            ax.set_xlim(0, 100)
+            ax.set_ylim(0, 100)
+            ax.set_xlabel("OOD accepted (FPR, %)")
+            ax.set_ylabel("ID accepted (TPR, %)")
             ax.set_title(f"{name}: ROC, ID positive")
             ax.legend(fontsize=8, loc="lower right")
             fig.tight_layout()
@@ -319,13 +391,15 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
             keys = groups or labels[:1]
             h = 0.8 / max(len(keys), 1)
             for j, g in enumerate(keys):
-                vals = [results["detectors"][n]["metrics"].get(g, {}).get("auroc") or np.nan for n in ok]
+                vals = [results["detectors"][n]["metrics"].get(g, {}).get("auroc") for n in ok]
+                vals = [np.nan if v is None else 100.0 * v for v in vals]
                 ax.barh(y + j * h, vals, height=h, label=f"{g} mean" if groups else g, color=colors(j))
+            ax.axvline(50.0, ls="--", color="0.3", lw=1, label="chance (50%)")
             ax.set_yticks(y + h * (len(keys) - 1) / 2, ok)
             ax.invert_yaxis()
-            ax.set_xlim(0.0, 1.0)
-            ax.set_xlabel("AUROC")
-            ax.legend(fontsize=8)
+            ax.set_xlim(0.0, 100.0)
+            ax.set_xlabel("AUROC (%)")
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the bars
             ax.set_title(f"{results['model']['name']} on {results['id']['dataset']}")
             fig.tight_layout()
             p = os.path.join(pdir, "summary_auroc.png")
@@ -338,7 +412,7 @@ def write_plots(res: BenchResult, out: str, *, progress: bool = True) -> list[st
     return paths
 
 
-def write_outputs(res: BenchResult, out: str, *, plots: bool = True, progress: bool = True) -> None:
+def write_outputs(res: BenchResult, out: str, *, plots: bool = True, progress: bool | None = None) -> None:
     """Write ``results.csv``, ``results.json``, ``scores.npz``, ``table.txt`` and (``plots``) PNGs."""
     os.makedirs(out, exist_ok=True)
     pdir = os.path.join(out, "plots")

@@ -48,6 +48,7 @@ from ..data import ImageSet, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
 from ..errors import ConfigError
 from ..metrics import evaluate
+from ..model_names import parse_model_name
 from ..progress import progress_bar
 from ..taps import Features
 from .cache import FeatureCache, spec_keys
@@ -91,7 +92,7 @@ class BenchConfig:
     lr: float = 0.1
     train_batch_size: int = 128
     plots: bool = True
-    progress: bool = True
+    progress: bool | None = None  # log lines unless False; bars if True, or None and stderr is a terminal
     part_rows: int = 4096
     command: str | None = None  # the command line, recorded in results.json
 
@@ -140,9 +141,9 @@ class BenchResult:
 # small helpers
 
 
-def _log_fn(progress: bool) -> Callable[[str], None]:
+def _log_fn(progress: bool | None) -> Callable[[str], None]:
     def log(msg: str) -> None:
-        if progress:
+        if progress is not False:
             print(f"[normscore-bench] {msg}", file=sys.stderr, flush=True)
 
     return log
@@ -331,13 +332,14 @@ class _Run:
     def native_format(self, model_name: str) -> InputFormat:
         info = self.info
         if info.files or info.native_size is None:
-            size = self.cfg.image_size or (32 if model_name == "smallcnn" else 224)
+            size = self.cfg.image_size or (32 if model_name.partition(":")[0] == "smallcnn" else 224)
             return InputFormat(3, (size, size), crop_pct=0.875)
         return InputFormat(info.native_channels or 1, (info.native_size, info.native_size))
 
     def build_model(self) -> LoadedModel:
         cfg = self.cfg
-        name = cfg.model or (self.suite.model if self.suite else "smallcnn")
+        parsed = parse_model_name(cfg.model or (self.suite.model if self.suite else "smallcnn"), check=False)
+        name = parsed.canonical
         native = self.native_format(name)
         train = trains_model(cfg)
         if cfg.train_epochs is not None and cfg.checkpoint:
@@ -941,8 +943,8 @@ def trains_model(cfg: BenchConfig) -> bool:
     """Whether the run trains its model here (``--train-epochs``, or ``smallcnn`` without a
     checkpoint) rather than loading pretrained or checkpoint weights."""
     suite = SUITES.get(cfg.id)
-    name = cfg.model or (suite.model if suite else "smallcnn")
-    return cfg.train_epochs is not None or (name == "smallcnn" and not cfg.checkpoint)
+    kind = parse_model_name(cfg.model or (suite.model if suite else "smallcnn"), check=False).kind
+    return cfg.train_epochs is not None or (kind == "smallcnn" and not cfg.checkpoint)
 
 
 def run_benchmark(cfg: BenchConfig) -> BenchResult:

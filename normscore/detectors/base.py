@@ -306,7 +306,7 @@ class Detector(metaclass=_DetectorMeta):
         calibration: float = 0.1,
         tpr: float = 0.95,
         max_samples: int | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> D:
         """Fit on in-distribution data and calibrate the ``predict`` threshold.
 
@@ -318,7 +318,7 @@ class Detector(metaclass=_DetectorMeta):
         calibration: share of samples held out to calibrate the threshold (0 = none).
         tpr: ID true-positive rate the threshold keeps on the held-out samples.
         max_samples: stop after this many samples.
-        progress: show a progress bar.
+        progress: show a progress bar (default ``None``: when stderr is a terminal).
         """
         if not 0.0 < tpr <= 1.0:
             raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")

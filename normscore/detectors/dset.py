@@ -84,7 +84,7 @@ class DetectorSet:
         calibration: float = 0.1,
         tpr: float = 0.95,
         max_samples: int | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ) -> DetectorSet:
         """Fit every detector from shared passes (same arguments as :meth:`Detector.fit`)."""
         if not 0.0 < tpr <= 1.0:

@@ -359,7 +359,7 @@ def finetune(
     out_dir: str | None = None,
     resume: bool = False,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: bool | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> FinetuneResult:
