@@ -17,6 +17,7 @@ PIP_OUTPUT = """\
 Looking in indexes: https://pypi.org/simple
 WARNING: Location 'file:///mirror/simple/torch/' is ignored: it is neither a file nor a directory.
 Processing {wheel}
+Processing {small} (from torch==2.14.1)
 Collecting filelock (from torch==2.14.1)
   Downloading filelock-4.3.1-py3-none-any.whl.metadata (2.9 kB)
   Downloading filelock-4.3.1-py3-none-any.whl (244 kB)
@@ -41,9 +42,11 @@ def _pip_install_function() -> str:
 def test_pip_output_becomes_one_line_per_package_and_keeps_errors_and_the_exit_status(tmp_path, rc):
     wheel = tmp_path / "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl"
     wheel.write_bytes(b"\0" * 2_500_000)
+    small = tmp_path / "typing_extensions-4.16.0-py3-none-any.whl"
+    small.write_bytes(b"\0" * 45_000)
     fake = tmp_path / ".venv" / "bin" / "python"
     fake.parent.mkdir(parents=True)
-    (tmp_path / "out.txt").write_text(PIP_OUTPUT.format(wheel=wheel))
+    (tmp_path / "out.txt").write_text(PIP_OUTPUT.format(wheel=wheel, small=small))
     fake.write_text(f"#!/bin/sh\ncat '{tmp_path / 'out.txt'}'\nexit {rc}\n")
     fake.chmod(0o755)
     script = _pip_install_function() + 'pip_install "torch==2.14.1"\necho "status $?"\n'
@@ -51,6 +54,7 @@ def test_pip_output_becomes_one_line_per_package_and_keeps_errors_and_the_exit_s
     lines = out.splitlines()
     assert lines == [
         "  torch==2.14.1 (2.5 MB)",
+        "  typing_extensions==4.16.0 (45 kB)",
         "  filelock (244 kB)",
         "  unpacking 3 package(s) into .venv ...",
         "ERROR: something pip really has to say",
