@@ -17,9 +17,11 @@ from .errors import (
     InputError,
     InputTypeError,
     MissingResourceError,
+    ModelMismatchError,
     NormscoreError,
     NotFittedError,
 )
+from .fingerprint import ModelFingerprint
 from .io import load, save
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
@@ -39,6 +41,8 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "MissingResourceError",
+    "ModelFingerprint",
+    "ModelMismatchError",
     "NormscoreError",
     "NotFittedError",
     "ScoringModule",

@@ -134,6 +134,7 @@ class _ProbeResult:
     head_name: str | None = None
     num_classes: int | None = None
     in_chans: int | None = None
+    input_shape: tuple[int, ...] | None = None  # one probe sample, without the batch dim
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -383,7 +384,7 @@ class Adapter:
     def _run_probe(self, x: torch.Tensor) -> _ProbeResult:
         from .taps import eval_mode  # local import: taps imports adapters
 
-        res = _ProbeResult()
+        res = _ProbeResult(input_shape=tuple(x.shape[1:]))
         counter = [0]
         outputs: dict[str, torch.Tensor] = {}
         handles = []
@@ -553,6 +554,11 @@ class Adapter:
     @property
     def in_chans(self) -> int | None:
         return self._need_probe().in_chans
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """Shape of one input sample (``(C, H, W)``) the probe ran on."""
+        return self._need_probe().input_shape
 
     @property
     def blocks(self) -> list[BlockInfo]:

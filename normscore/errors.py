@@ -28,6 +28,11 @@ class ConfigError(NormscoreError, ValueError):
     """An unknown or invalid hyperparameter, detector name, block name or option."""
 
 
+class ModelMismatchError(ConfigError):
+    """A fitted detector was given another model than the one it was fitted on (the model
+    fingerprints differ); ``strict=False`` reuses it deliberately."""
+
+
 class NotFittedError(NormscoreError, RuntimeError):
     """``score``/``predict`` was called on a detector that needs ``fit`` first."""
 

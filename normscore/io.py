@@ -188,8 +188,17 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None) -> Any:
-    """Load a detector (or detector set) saved with ``save``; attach it to ``model`` if given."""
+def load(
+    path: str | os.PathLike, model: nn.Module | None = None, *, strict: bool = True, tag: str | None = None
+) -> Any:
+    """Load a detector (or detector set) saved with ``save``; attach it to ``model`` if given.
+
+    Attaching checks the model fingerprint stored at fit time: another model (another
+    checkpoint or architecture) raises :class:`~normscore.errors.ModelMismatchError`;
+    ``strict=False`` attaches it anyway (with a warning). ``tag`` also requires the tag given to
+    ``fit``. Files saved by older normscore versions hold no fingerprint: they load and attach unchecked,
+    with a warning.
+    """
     from .detectors.base import create
 
     p = Path(path)
@@ -202,12 +211,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> Any:
         from .detectors.dset import DetectorSet
 
         det = DetectorSet.from_state_dict(state)
-        if model is not None:
-            det.attach(model)
-        return det
     else:
         raise FormatError(f"{p} holds an unknown object kind {kind!r}.")
+    if kind == "detector":
+        det.load_state_dict(state)
     if model is not None:
-        det.attach(model)
-    det.load_state_dict(state)
+        det.attach(model, strict=strict, tag=tag)
     return det

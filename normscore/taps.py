@@ -40,10 +40,13 @@ __all__ = [
     "Features",
     "capture",
     "eval_mode",
+    "feature_kind",
+    "feature_shape",
     "model_device",
     "prepare_input",
     "reduce_block",
     "register_view",
+    "spec_keys",
     "tracing",
     "view_key",
 ]
@@ -480,6 +483,46 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor):
             return a
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# feature keys: what a spec yields on a model, and the per-sample shape of each key
+
+
+def spec_keys(adapter: Adapter, spec: CaptureSpec) -> list[str]:
+    """The standard feature keys :func:`capture` returns for ``spec`` on ``adapter``'s model
+    (logits, penultimate, blocks and their input views; not ``"input"`` and not keys that
+    backward callbacks define). Needs a resolved adapter when ``spec`` asks for all blocks."""
+    keys = (["logits"] if spec.logits else []) + (["penultimate"] if spec.penultimate else [])
+    keys += [block_key(n, r) for n, r in sorted(_expand_blocks(adapter, spec.blocks))]
+    return keys + [view_key(v, k) for v in sorted(spec.views) for k in keys]
+
+
+def feature_kind(key: str) -> str | None:
+    """``"logits"``, ``"penultimate"`` or ``"blocks"`` for a standard key (of any input view),
+    else ``None``."""
+    key = key.rsplit("|", 1)[-1]
+    if key in ("logits", "penultimate"):
+        return key
+    return "blocks" if key.startswith("block:") else None
+
+
+def feature_shape(adapter: Adapter, key: str) -> tuple[int, ...] | None:
+    """Per-sample shape of the standard feature ``key`` on ``adapter``'s (resolved) model;
+    ``None`` when the model has no such feature (no linear head, no such block)."""
+    key = key.rsplit("|", 1)[-1]
+    if key == "logits":
+        return None if adapter.num_classes is None else (int(adapter.num_classes),)
+    if key == "penultimate":
+        return (adapter.num_features,) if adapter.has_head else None
+    if key.startswith("block:"):
+        name, red = key[len("block:") :].rsplit(":", 1)
+        if name not in adapter.block_names:
+            return None
+        info = adapter.block(name)
+        out = reduce_block(torch.empty((1, *info.shape), device="meta"), info, red)
+        return tuple(int(d) for d in out.shape[1:])
     return None
 
 

@@ -25,6 +25,7 @@ from normscore.errors import (
     InputError,
     InputTypeError,
     MissingResourceError,
+    ModelMismatchError,
     NormscoreError,
     NotFittedError,
 )
@@ -384,6 +385,20 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         "different model",
     ),
     (
+        "model-mismatch",
+        "a fitted detector attached to another checkpoint",
+        lambda t: _fitted().attach(_other_checkpoint()),
+        ModelMismatchError,
+        "fitted on another model",
+    ),
+    (
+        "feature-width",
+        "a detector reused with strict=False on a model of another width",
+        lambda t: _reused_knn(),
+        InputError,
+        r"features have shape \[8\] per sample, but the detector was fitted on \[16\]",
+    ),
+    (
         "inference-mode-gradients",
         "a gradient detector under torch.inference_mode",
         lambda t: _inference_mode_odin(),
@@ -417,6 +432,18 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         "unknown local model",
     ),
 ]
+
+
+def _other_checkpoint() -> nn.Module:
+    torch.manual_seed(1)
+    return TinyCNN().eval()
+
+
+def _reused_knn() -> None:
+    det = _fitted("knn", k=3)
+    with pytest.warns(UserWarning, match="strict=False"):
+        det.attach(TinyCNN(width=4).eval(), strict=False)
+    det.score(_x(2, 3, 16, 16))
 
 
 def _inference_mode_odin() -> None:

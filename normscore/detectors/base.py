@@ -14,8 +14,10 @@ once here and drive the taps.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
@@ -25,9 +27,11 @@ from torch import nn
 
 from .._data import FitStream
 from ..adapters import Adapter, get_adapter
-from ..errors import ConfigError, InputError, NotFittedError, did_you_mean
+from ..errors import ConfigError, InputError, ModelMismatchError, NormscoreError, NotFittedError, did_you_mean
+from ..fingerprint import ModelFingerprint, mismatch_message
 from ..stats import all_gather_cat, all_reduce_int
-from ..taps import CaptureSpec, Features, capture
+from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, model_device, model_dtype, spec_keys
+from ..taps import tracing as _tracing
 from ._zoo import LazyCache
 
 __all__ = [
@@ -190,10 +194,29 @@ class Detector(metaclass=_DetectorMeta):
     constraints: ClassVar[dict[str, Constraint]] = {}
     #: hyperparameter -> values tried by the search
     search_space: ClassVar[dict[str, list]] = {}
+    #: feature kinds ("logits", "penultimate", "blocks") whose per-sample shape the fitted
+    #: state (or, for detectors without statistics, the live head) fixes: features of another
+    #: shape are refused before ``score_features`` runs
+    shape_bound: ClassVar[frozenset[str]] = frozenset({"logits", "penultimate", "blocks"})
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._adapter: Adapter | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every ``score_features`` a subclass defines checks the feature shapes first."""
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("score_features")
+        if fn is None or getattr(fn, "_checks_shapes", False):
+            return
+
+        @functools.wraps(fn)
+        def score_features(self: Detector, feats: Features) -> torch.Tensor:
+            self._check_feature_shapes(feats)
+            return fn(self, feats)
+
+        score_features._checks_shapes = True  # type: ignore[attr-defined]
+        cls.score_features = score_features  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ hyperparameters
     @classmethod
@@ -262,17 +285,80 @@ class Detector(metaclass=_DetectorMeta):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ binding to a model
-    def attach(self: D, model: nn.Module, adapter: Adapter | None = None) -> D:
-        """Bind the detector to ``model`` without fitting (for loaded or fit-free detectors)."""
+    def attach(
+        self: D, model: nn.Module, adapter: Adapter | None = None, *, strict: bool = True, tag: str | None = None
+    ) -> D:
+        """Bind the detector to ``model`` without fitting (for loaded or fit-free detectors).
+
+        A fitted detector checks that ``model`` is the model it was fitted on (its
+        :attr:`fingerprint`; a model that has not seen an input yet runs once on a blank sample
+        of the fit input shape) and raises :class:`~normscore.errors.ModelMismatchError` naming
+        both fingerprints when it is not. ``strict=False`` reuses it anyway, with a warning.
+        ``tag``: also require the fingerprint's tag (given to ``fit``) to be this one.
+        """
+        adapter = self._resolve_adapter(model, adapter)
+        self._verify_model(adapter, self.fingerprint, fitted=self.is_fitted, strict=strict, tag=tag)
+        return self._bind(model, adapter)
+
+    @staticmethod
+    def _resolve_adapter(model: nn.Module, adapter: Adapter | None) -> Adapter:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"attach/fit needs a torch.nn.Module model, got {type(model).__name__}.")
         if adapter is not None and adapter.model is not model:
             raise ConfigError("the adapter passed was built for a different model.")
-        self._model = model
-        self._adapter = adapter if adapter is not None else get_adapter(model)
-        from ..taps import model_device
+        return adapter if adapter is not None else get_adapter(model)
 
+    def _bind(self: D, model: nn.Module, adapter: Adapter | None = None) -> D:
+        """Bind to ``model`` without any check (``fit`` binds before it replaces the state)."""
+        self._adapter = self._resolve_adapter(model, adapter)
+        self._model = model
         return self.to(model_device(model))
+
+    @property
+    def fingerprint(self) -> ModelFingerprint | None:
+        """The fingerprint of the model the detector was fitted on (``None`` before ``fit``, and
+        for detectors saved by older normscore versions, which stored none)."""
+        return getattr(self, "fingerprint_", None)
+
+    def _verify_model(
+        self, adapter: Adapter, fp: ModelFingerprint | None, *, fitted: bool, strict: bool, tag: str | None
+    ) -> None:
+        """Raise :class:`ModelMismatchError` (warn with ``strict=False``) when ``adapter``'s model
+        is not the one fingerprinted by ``fp`` (the fingerprint of a state, ``fitted`` or not)."""
+        if fp is None:
+            if fitted:
+                warnings.warn(
+                    f"{self.name} has no model fingerprint (it was saved by an older normscore, or fitted on "
+                    "cached features of a model that had not seen an input), so normscore cannot check that "
+                    "it belongs to this model. Refit it on this model and save it again to get the check.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        try:
+            if not adapter.resolved and fp.input_shape is not None:
+                model = adapter.model
+                adapter.ensure_resolved(
+                    torch.zeros((1, *fp.input_shape), device=model_device(model), dtype=model_dtype(model))
+                )
+            given = ModelFingerprint.of(adapter, fp.features, tag=fp.tag if tag is None else tag)
+        except NormscoreError as e:
+            msg = (
+                f"{self.name} was fitted on {fp.model_name} with inputs of shape "
+                f"{list(fp.input_shape or ())}, and the model given cannot be compared with it: {e} "
+                "Refit the detector on this model (det.fit(model, id_loader)); strict=False attaches it unchecked."
+            )
+            if strict:
+                raise ModelMismatchError(msg) from e
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            return
+        if fp.differences(given):
+            msg = mismatch_message(self.name, fp, given)
+            if strict:
+                raise ModelMismatchError(msg)
+            warnings.warn(
+                f"strict=False: {mismatch_message(self.name, fp, given, hint=False)}", UserWarning, stacklevel=3
+            )
 
     @property
     def model(self) -> nn.Module:
@@ -307,6 +393,7 @@ class Detector(metaclass=_DetectorMeta):
         tpr: float = 0.95,
         max_samples: int | None = None,
         progress: bool | None = None,
+        tag: str | None = None,
     ) -> D:
         """Fit on in-distribution data and calibrate the ``predict`` threshold.
 
@@ -319,10 +406,12 @@ class Detector(metaclass=_DetectorMeta):
         tpr: ID true-positive rate the threshold keeps on the held-out samples.
         max_samples: stop after this many samples.
         progress: show a progress bar (default ``None``: when stderr is a terminal).
+        tag: a label of the model version (e.g. ``"v3"``) kept in the detector's
+            :attr:`fingerprint`; ``attach(model, tag=...)`` / ``load(..., tag=...)`` require it.
         """
         if not 0.0 < tpr <= 1.0:
             raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
-        self.attach(model, adapter)
+        self._bind(model, adapter)
         stream = FitStream(
             self.adapter,
             loader,
@@ -331,7 +420,7 @@ class Detector(metaclass=_DetectorMeta):
             progress=progress,
             desc=f"fit {self.name}",
         )
-        fit_detectors([self], stream, tpr=tpr)
+        fit_detectors([self], stream, tpr=tpr, tag=tag)
         return self
 
     def calibrate(self: D, loader: Iterable, *, tpr: float = 0.95, max_samples: int | None = None) -> D:
@@ -349,6 +438,7 @@ class Detector(metaclass=_DetectorMeta):
         *,
         calibration: float = 0.1,
         tpr: float = 0.95,
+        tag: str | None = None,
     ) -> D:
         """Fit on features captured earlier (e.g. a feature cache) instead of running the model.
 
@@ -359,7 +449,7 @@ class Detector(metaclass=_DetectorMeta):
         the same as in :meth:`fit`. Only single-pass, feature-only detectors support this.
         """
         batches = [features] if isinstance(features, Features) else features
-        fit_detectors([self], None, tpr=tpr, feature_batches=batches, calibration=calibration)
+        fit_detectors([self], None, tpr=tpr, feature_batches=batches, calibration=calibration, tag=tag)
         return self
 
     def _reset_fitted(self) -> None:
@@ -374,6 +464,60 @@ class Detector(metaclass=_DetectorMeta):
         if self.needs_fit and not self.is_fitted:
             raise NotFittedError(f"{self.name} is not fitted yet. Call det.fit(model, id_loader) first.")
         self.model  # noqa: B018 - raises if not attached
+
+    def _expected_shapes(self) -> tuple[str, dict[str, tuple[int, ...]]] | None:
+        """``(origin, {key: per-sample shape})`` the features must have, or ``None``.
+
+        Detectors with statistics: the shapes they were fitted on (their fingerprint).
+        Detectors without (and fitted ones without a fingerprint): what the attached model
+        produces."""
+        bound = self.shape_bound
+        if not bound:
+            return None
+        fp = self.fingerprint
+        if self.needs_fit and fp is not None:
+            shapes = fp.features
+            origin = "fitted"
+        else:
+            adapter = self._adapter
+            if adapter is None or not adapter.resolved or (self.needs_fit and not self.is_fitted):
+                return None
+            spec = self.capture_spec(adapter, "score")
+            shapes = self._memo(
+                "live_shapes", (adapter, spec), lambda: {k: feature_shape(adapter, k) for k in spec_keys(adapter, spec)}
+            )
+            origin = "model"
+        return origin, {k: s for k, s in shapes.items() if s is not None and feature_kind(k) in bound}
+
+    def _check_feature_shapes(self, feats: Features) -> None:
+        """Refuse features whose per-sample shape is not the one the detector works with."""
+        if _tracing():  # checked by the eager pass before a trace / export
+            return
+        exp = self._expected_shapes()
+        if exp is None:
+            return
+        origin, shapes = exp
+        for key, shape in shapes.items():
+            t = feats.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) == shape:
+                continue
+            got = list(t.shape[1:])
+            if origin == "fitted":
+                fp = self.fingerprint
+                assert fp is not None
+                raise InputError(
+                    f"{self.name}: the {key!r} features have shape {got} per sample, but the detector was "
+                    f"fitted on {list(shape)} (model {fp.model_name}). These features come "
+                    "from another model than the one it was fitted on (e.g. a detector reused with "
+                    "strict=False on another architecture): refit it on this model (det.fit(model, "
+                    "id_loader)), or score features of the model it was fitted on."
+                )
+            raise InputError(
+                f"{self.name}: the {key!r} features have shape {got} per sample, but the attached model "
+                f"produces {list(shape)}. Score features captured from the attached model "
+                "(normscore.capture(det.adapter, x, det.capture_spec(det.adapter, 'score'))), or attach "
+                "the model they come from."
+            )
 
     # ------------------------------------------------------------------ score / predict
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -409,23 +553,33 @@ class Detector(metaclass=_DetectorMeta):
                 tensors[k] = v.detach().cpu()
             elif isinstance(v, Decision):
                 fitted[k] = {"__decision__": v.to_dict()}
+            elif isinstance(v, ModelFingerprint):
+                fitted[k] = {"__fingerprint__": v.to_dict()}
             else:
                 fitted[k] = v
         return {"detector": self.name, "params": self.get_params(), "fitted": fitted, "tensors": tensors}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Restore hyperparameters and fitted state. An attached detector first checks that
+        the state was fitted on the attached model (see :meth:`attach`; ``strict=False`` skips)."""
         if state.get("detector") != self.name:
             raise ConfigError(f"state is for detector {state.get('detector')!r}, not {self.name!r}.")
+        fitted = dict(state.get("fitted", {}))
+        for k, v in fitted.items():
+            if isinstance(v, dict) and "__decision__" in v:
+                fitted[k] = Decision(**v["__decision__"])
+            elif isinstance(v, dict) and "__fingerprint__" in v:
+                fitted[k] = ModelFingerprint.from_dict(v["__fingerprint__"])
+        if self._adapter is not None:
+            fp = fitted.get("fingerprint_")
+            fp = fp if isinstance(fp, ModelFingerprint) else None
+            self._verify_model(self._adapter, fp, fitted=bool(fitted.get("fitted_")), strict=strict, tag=None)
         self.set_params(**state.get("params", {}))
         self._reset_fitted()
-        for k, v in state.get("fitted", {}).items():
-            if isinstance(v, dict) and "__decision__" in v:
-                v = Decision(**v["__decision__"])
+        for k, v in fitted.items():
             setattr(self, k, v)
         dev = None
         if self._model is not None:
-            from ..taps import model_device
-
             dev = model_device(self._model)
         for k, v in state.get("tensors", {}).items():
             setattr(self, k, v.to(dev) if dev is not None else v)
@@ -550,6 +704,7 @@ def fit_detectors(
     tpr: float = 0.95,
     feature_batches: Iterable[Features] | None = None,
     calibration: float | None = None,
+    tag: str | None = None,
 ) -> None:
     """Fit ``dets`` (already attached to one model) sharing model passes.
 
@@ -562,6 +717,9 @@ def fit_detectors(
     With ``feature_batches`` (cached features, e.g. from ``normscore-bench``) instead of a
     stream, the same split is applied to the rows of the cached batches in order; only
     single-pass, feature-only detectors can be fitted this way.
+
+    Each detector keeps the :class:`~normscore.fingerprint.ModelFingerprint` of the model
+    (with ``tag``) and of the features it scores, when the adapter has resolved the model.
     """
     if stream is not None:
         adapter = stream.adapter
@@ -674,3 +832,5 @@ def fit_detectors(
     for d in dets:
         d.n_fit_samples_ = total
         d.fitted_ = True
+        if adapter.resolved:
+            d.fingerprint_ = ModelFingerprint.of(adapter, spec_keys(adapter, d.capture_spec(adapter, "score")), tag=tag)

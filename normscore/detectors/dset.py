@@ -68,10 +68,20 @@ class DetectorSet:
         return f"DetectorSet({list(self.detectors)})"
 
     # ------------------------------------------------------------------
-    def attach(self, model: nn.Module, adapter: Adapter | None = None) -> DetectorSet:
+    def attach(
+        self, model: nn.Module, adapter: Adapter | None = None, *, strict: bool = True, tag: str | None = None
+    ) -> DetectorSet:
+        """Bind every detector to ``model``; fitted ones first check it is the model they were
+        fitted on (see :meth:`Detector.attach`; nothing is bound when one check fails)."""
+        adapter = Detector._resolve_adapter(model, adapter)
+        for d in self.detectors.values():
+            d._verify_model(adapter, d.fingerprint, fitted=d.is_fitted, strict=strict, tag=tag)
+        return self._bind(model, adapter)
+
+    def _bind(self, model: nn.Module, adapter: Adapter | None = None) -> DetectorSet:
         adapter = adapter if adapter is not None else get_adapter(model)
         for d in self.detectors.values():
-            d.attach(model, adapter)
+            d._bind(model, adapter)
         self._model, self._adapter = model, adapter
         return self
 
@@ -85,26 +95,34 @@ class DetectorSet:
         tpr: float = 0.95,
         max_samples: int | None = None,
         progress: bool | None = None,
+        tag: str | None = None,
     ) -> DetectorSet:
         """Fit every detector from shared passes (same arguments as :meth:`Detector.fit`)."""
         if not 0.0 < tpr <= 1.0:
             raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
-        self.attach(model, adapter)
+        self._bind(model, adapter)
         assert self._adapter is not None
         stream = FitStream(
             self._adapter, loader, calibration=calibration, max_samples=max_samples, progress=progress, desc="fit set"
         )
-        fit_detectors(list(self.detectors.values()), stream, tpr=tpr)
+        fit_detectors(list(self.detectors.values()), stream, tpr=tpr, tag=tag)
         return self
 
     def fit_features(
-        self, features: Features | Iterable[Features], *, calibration: float = 0.1, tpr: float = 0.95
+        self,
+        features: Features | Iterable[Features],
+        *,
+        calibration: float = 0.1,
+        tpr: float = 0.95,
+        tag: str | None = None,
     ) -> DetectorSet:
         """Fit every detector on cached features (see :meth:`Detector.fit_features`)."""
         if self._adapter is None:
             raise ConfigError("attach(model) the set before fit_features.")
         batches = [features] if isinstance(features, Features) else features
-        fit_detectors(list(self.detectors.values()), None, tpr=tpr, feature_batches=batches, calibration=calibration)
+        fit_detectors(
+            list(self.detectors.values()), None, tpr=tpr, feature_batches=batches, calibration=calibration, tag=tag
+        )
         return self
 
     def _groups(self) -> list[tuple[CaptureSpec, list[str]]]:

@@ -51,6 +51,7 @@ class FeatureNorm(Detector):
     """
 
     name = "featurenorm"
+    shape_bound = frozenset({"logits", "blocks"})  # the penultimate enters only through its norm
     paper = "Yu et al., CVPR 2023, arXiv:2212.02295"
     formula = "mean_c ||ReLU(A_c)||_2 at l* = argmax_l mean_i FN_l(x_i)/FN_l(jigsaw(x_i))"
     needs_fit = True

@@ -83,9 +83,10 @@ class Fusion(Detector):
             self.needs_labels = any(d.needs_labels for d in dets)
             self.needs_gradients = any(d.needs_gradients for d in dets)
             self.feature_only = all(d.feature_only for d in dets)
+            self.shape_bound = frozenset().union(*(d.shape_bound for d in dets))
             if self._model is not None:
                 for d in dets:
-                    d.attach(self._model, self._adapter)
+                    d._bind(self._model, self._adapter)
         return self._dets
 
     def set_params(self, **params: Any) -> Fusion:
@@ -94,10 +95,10 @@ class Fusion(Detector):
             self._dets = None
         return self
 
-    def attach(self, model: nn.Module, adapter: Adapter | None = None) -> Fusion:
-        super().attach(model, adapter)
+    def _bind(self, model: nn.Module, adapter: Adapter | None = None) -> Fusion:
+        super()._bind(model, adapter)
         for d in self._member_dets():
-            d.attach(model, self._adapter)
+            d._bind(model, self._adapter)
         return self
 
     def to(self, device: torch.device | str) -> Fusion:
@@ -127,7 +128,7 @@ class Fusion(Detector):
             raise ConfigError("fusion normalises members on held-out ID data: fit with calibration > 0.")
         dets = self._member_dets()
         for d in dets:
-            d.attach(stream.adapter.model, stream.adapter)
+            d._bind(stream.adapter.model, stream.adapter)
         fit_detectors(dets, stream)
         spec = self.capture_spec(stream.adapter, "score")
         parts = list(stream.features(spec, split="calibration"))
@@ -165,12 +166,19 @@ class Fusion(Detector):
         sd["fitted"]["members_state_"] = [d.state_dict() for d in self._member_dets()] if self.is_fitted else []
         return sd
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         state = dict(state)
         fitted = dict(state.get("fitted", {}))
         members_state = fitted.pop("members_state_", [])
         state["fitted"] = fitted
-        super().load_state_dict(state)
+        super().load_state_dict(state, strict=strict)
         self._dets = None
-        for d, s in zip(self._member_dets(), members_state):
-            d.load_state_dict(s)
+        model, self._model = self._model, None  # members load unbound: the fusion's fingerprint was checked
+        try:
+            for d, s in zip(self._member_dets(), members_state):
+                d.load_state_dict(s)
+        finally:
+            self._model = model
+        if model is not None:
+            for d in self._member_dets():
+                d._bind(model, self._adapter)

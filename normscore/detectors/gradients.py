@@ -51,6 +51,7 @@ class GradNorm(Detector):
     """
 
     name = "gradnorm"
+    shape_bound = frozenset()  # closed form without the head: logits/features of any width
     paper = "Huang et al., NeurIPS 2021, arXiv:2110.00218"
     formula = "||softmax(z/T) - 1/C||_1 * ||h||_1 / T"
     constraints = {"temperature": Interval(0.0, math.inf, closed="neither")}
@@ -384,8 +385,8 @@ class LDG(Detector):
         self._knn_grad: KNNBank | None = None
         self._knn_feat: KNNBank | None = None
 
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state, *, strict: bool = True) -> None:
+        super().load_state_dict(state, strict=strict)
         # fresh allocations: BLAS results depend on memory alignment, and loaded tensors may be
         # views into a file buffer; cloning makes scores after load bitwise equal to the originals
         for k, v in list(vars(self).items()):
@@ -393,10 +394,10 @@ class LDG(Detector):
                 setattr(self, k, v.clone())
         self._clear_cache()
 
-    def attach(self, model, adapter=None):
+    def _bind(self, model, adapter=None):
         if self._model is not None and model is not self._model:
             self._clear_cache()
-        return super().attach(model, adapter)
+        return super()._bind(model, adapter)
 
     def _layer_map(self) -> LayerMap:
         if self._lmap is None:

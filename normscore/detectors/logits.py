@@ -20,6 +20,7 @@ class MSP(Detector):
     """
 
     name = "msp"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Hendrycks & Gimpel, ICLR 2017, arXiv:1610.02136"
     formula = "max_c softmax(z)_c"
 
@@ -42,6 +43,7 @@ class MaxLogit(Detector):
     """
 
     name = "maxlogit"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Hendrycks et al., ICML 2022, arXiv:1911.11132"
     formula = "max_c z_c"
 
@@ -63,6 +65,7 @@ class Energy(Detector):
     """
 
     name = "energy"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Liu et al., NeurIPS 2020, arXiv:2010.03759"
     formula = "T * logsumexp(z / T)"
     constraints = {"temperature": Interval(0.0, float("inf"), closed="neither")}
@@ -93,6 +96,7 @@ class Entropy(Detector):
     """
 
     name = "entropy"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Macêdo et al., IJCNN 2021, arXiv:1908.05569"
     formula = "sum_c p_c log p_c, p = softmax(z)"
 
@@ -118,6 +122,7 @@ class GEN(Detector):
     """
 
     name = "gen"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Liu, Lochman & Zach, CVPR 2023 (CVF open access, no arXiv)"
     formula = "-sum_{M largest p_c} p_c^gamma (1 - p_c)^gamma, p = softmax(z)"
     constraints = {
@@ -163,6 +168,7 @@ class TempScale(Detector):
     """
 
     name = "tempscale"
+    shape_bound = frozenset()  # one temperature: the score works on logits of any width
     paper = "Guo et al., ICML 2017, arXiv:1706.04599"
     formula = "max_c softmax(z / T)_c, T = argmin NLL on labelled ID data"
     needs_labels = True
@@ -259,6 +265,7 @@ class ODIN(Detector):
     """
 
     name = "odin"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Liang, Li & Srikant, ICLR 2018, arXiv:1706.02690"
     formula = "max_c softmax(z(x~)/T)_c, x~ = x - eps*sign(grad_x CE(z(x)/T, argmax z))"
     needs_gradients = True

@@ -19,6 +19,7 @@ class PenultimateNorm(Detector):
     """
 
     name = "penultimate_norm"
+    shape_bound = frozenset()  # the score works on logits/features of any width
     paper = "Shin & Chung, TMLR 2024, arXiv:2408.10676"
     formula = "||h||_2, h = pooled pre-logit features"
 
