@@ -64,7 +64,7 @@ def train_classifier(
     seed: int = 0,
     device: str | torch.device = "cpu",
     augment: bool = True,
-    progress: bool = True,
+    progress: bool | None = None,
     deterministic: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place with cross-entropy (recipe in the module docstring); returns it

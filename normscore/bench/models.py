@@ -463,7 +463,8 @@ def train_cached(
     info.update(cached=False, seconds=round(time.perf_counter() - t0, 2))
     if path:
         tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save({k: v.detach().cpu() for k, v in lm.model.state_dict().items()}, tmp)
+        with open(tmp, "wb") as f:  # a file object: the archive's inner name is fixed, so the bytes
+            torch.save({k: v.detach().cpu() for k, v in lm.model.state_dict().items()}, f)  # are reproducible
         os.replace(tmp, path)
         with open(f"{path[:-3]}.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, sort_keys=True, default=str)
