@@ -23,6 +23,7 @@ from .errors import (
 from .io import load, save
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
+from .preprocess import input_transform
 from .taps import CaptureSpec, Features, capture
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "detector_info",
     "evaluate",
     "get_adapter",
+    "input_transform",
     "list_detectors",
     "load",
     "metrics",
