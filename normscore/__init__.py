@@ -25,6 +25,7 @@ from .fingerprint import ModelFingerprint
 from .io import load, save
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
+from .preprocess import input_transform
 from .taps import CaptureSpec, Features, capture
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "detector_info",
     "evaluate",
     "get_adapter",
+    "input_transform",
     "list_detectors",
     "load",
     "metrics",

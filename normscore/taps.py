@@ -269,13 +269,47 @@ def view_key(view: str, key: str) -> str:
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def first_conv_channels(model: nn.Module) -> int | None:
+    """Input channels of the first ``nn.Conv2d`` in registration order (the stem, for the
+    common architectures), known without running the model; ``None`` without one."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+_TRANSFORM_HINT = (
+    "Raw images need the model's own preprocessing (resize, crop, normalisation): "
+    "tf = normscore.input_transform(model); x = torch.stack([tf(img) for img in images])."
+)
+
+
+def _is_pil(x: object) -> bool:
+    return any(c.__module__.startswith("PIL.") and c.__name__ == "Image" for c in type(x).__mro__)
+
+
+def _not_a_tensor(x: object) -> str:
+    """The message for a non-tensor input: PIL images and numpy arrays get the preprocessing hint."""
+    head = "expected a torch.Tensor batch of images [B, C, H, W], got"
+    if _is_pil(x):
+        return f"{head} a PIL image. {_TRANSFORM_HINT}"
+    if isinstance(x, (list, tuple)) and x and all(_is_pil(v) for v in x):
+        return f"{head} a {type(x).__name__} of {len(x)} PIL images. {_TRANSFORM_HINT}"
+    if type(x).__module__ == "numpy" and hasattr(x, "shape"):
+        return (
+            f"{head} a numpy array {getattr(x, 'dtype', '')} {tuple(x.shape)}. If it is a preprocessed "  # type: ignore[attr-defined]
+            f"batch [B, C, H, W], use torch.from_numpy(x). {_TRANSFORM_HINT}"
+        )
+    return (
+        f"{head} {type(x).__name__}. Convert with torch.as_tensor(...) (and batch it) first; for raw "
+        "images use the model's preprocessing: normscore.input_transform(model)."
+    )
+
+
 def prepare_input(x: object, adapter: Adapter | None, model: nn.Module) -> torch.Tensor:
     """Validate a batch of images and move it to the model's device and dtype."""
     if not isinstance(x, torch.Tensor):
-        raise InputTypeError(
-            f"expected a torch.Tensor batch of images [B, C, H, W], got {type(x).__name__}. "
-            "Convert with torch.as_tensor(...) (and batch it) first."
-        )
+        raise InputTypeError(_not_a_tensor(x))
     if x.dtype not in _FLOATS:
         raise InputTypeError(
             f"the input has dtype {x.dtype}; the model needs floating-point images. Convert and "
@@ -291,10 +325,20 @@ def prepare_input(x: object, adapter: Adapter | None, model: nn.Module) -> torch
         raise InputError(f"the input has shape {tuple(x.shape)}; expected a batch of images [B, C, H, W].")
     if x.shape[0] == 0:
         raise InputError("the input batch is empty (batch size 0).")
-    if adapter is not None and adapter.resolved and adapter.in_chans is not None and x.shape[1] != adapter.in_chans:
+    known = adapter is not None and adapter.resolved
+    # before the probe has run, the first registered convolution stands in for the first one
+    # run; an image channel count (<= 4) in dim 1 is then trusted over it
+    chans = adapter.in_chans if known else first_conv_channels(model)  # type: ignore[union-attr]
+    if chans is not None and x.shape[1] != chans and x.shape[3] == chans and (known or x.shape[1] > 4):
+        raise InputError(
+            f"the input of shape {tuple(x.shape)} looks channels-last [B, H, W, C]; the model expects "
+            f"channels-first [B, C, H, W] with C = {chans}. Use x.permute(0, 3, 1, 2) (for numpy/PIL "
+            "images, normscore.input_transform(model) builds the model's preprocessing)."
+        )
+    if known and chans is not None and x.shape[1] != chans:
         raise InputError(
             f"the input has {x.shape[1]} channels but the model's first convolution expects "
-            f"{adapter.in_chans}. Convert the images (e.g. grayscale -> x.expand(-1, 3, -1, -1)) "
+            f"{chans}. Convert the images (e.g. grayscale -> x.expand(-1, 3, -1, -1)) "
             "or use a model with the matching number of input channels."
         )
     dev = model_device(model)

@@ -70,6 +70,38 @@ def test_usage_errors_exit_2_with_a_reason(tmp_path, ckpt, capsys, monkeypatch):
     assert "opencv-photos" in listing and "imagefolder:PATH" in listing and "efficientnet_lite0" in listing
 
 
+def test_everything_missing_is_reported_in_one_message(tmp_path, capsys, monkeypatch):
+    """``normscore-bench --model resnet50 --id imagenet``: no weights, an empty train/, no other
+    split: one message lists every missing piece; exit 2, no traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no pretrained weights anywhere
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    root = tmp_path / "imagenet"
+    (root / "train").mkdir(parents=True)
+    out = str(tmp_path / "o")
+    assert main(["--model", "resnet50", "--id", "imagenet", "--data-root", str(root), "--quiet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("normscore-bench: error: 8 missing pieces; nothing was run:")
+    assert "model weights (resnet50): the pretrained weights of timm model 'resnet50' are not on this machine" in err
+    assert f"data imagenet:train: {root / 'train'} is empty" in err
+    for split in ("val", "ssb_hard", "ninco", "inaturalist", "textures", "openimage_o"):
+        assert f"data imagenet:{split}: not found" in err, split
+    assert err.count("Expected layout under the data root") == 1
+    # without a data root: the splits share one line
+    monkeypatch.delenv("NORMSCORE_IMAGENET_ROOT", raising=False)
+    assert main(["--model", "resnet50", "--id", "imagenet", "--quiet", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "2 missing pieces" in err
+    assert "data imagenet:train, val, ssb_hard, ninco, inaturalist, textures, openimage_o: imagenet needs" in err
+    # with the data in place only the weights are missing
+    _fake_imagenet(str(tmp_path / "full"), per=1)
+    args = ["--model", "resnet50", "--id", "imagenet", "--data-root", str(tmp_path / "full"), "--quiet", "--out", out]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 missing piece; nothing was run:\n  - model weights (resnet50)" in err and "data imagenet" not in err
+
+
 def test_imagenet_suite_on_a_fake_tree_with_the_real_model(tmp_path):
     root = str(tmp_path / "imagenet")
     _fake_imagenet(root, per=3)

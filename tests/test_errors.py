@@ -18,6 +18,8 @@ from helpers import TinyCNN, make_loader
 from torch import nn
 
 import normscore
+import normscore.data  # the dataset cases (normscore.data / normscore.models are submodules)
+import normscore.models
 from normscore.errors import (
     AdapterError,
     ConfigError,
@@ -109,6 +111,38 @@ class _ConstModel(nn.Module):
         return self.fc(torch.ones(x.shape[0], 4))
 
 
+def _fit_labels(transform: Callable[[torch.Tensor], object], name: str = "mahalanobis") -> None:
+    normscore.create(name).fit(_model(), [(x, transform(y)) for x, y in _loader()])
+
+
+def _pil() -> object:
+    from PIL import Image
+
+    return Image.new("RGB", (16, 16))
+
+
+def _imagenet_empty_train(tmp: Path) -> None:
+    (tmp / "train").mkdir()
+    normscore.data.get_dataset("imagenet", "train", data_root=str(tmp))
+
+
+def _bench_nothing_there(tmp: Path) -> None:
+    from normscore.bench.runner import BenchConfig, run_benchmark
+
+    run_benchmark(
+        BenchConfig(
+            id="imagenet",
+            model="resnet18",
+            checkpoint=str(tmp / "resnet18.pt"),
+            data_root=str(tmp),
+            detectors="msp",
+            out=str(tmp / "out"),
+            no_cache=True,
+            progress=False,
+        )
+    )
+
+
 # (case id, description, action(tmp_path), exception type, message pattern)
 CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
     (
@@ -131,6 +165,34 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         lambda t: _fitted().score(_x(2, 1, 16, 16)),
         InputError,
         "channels",
+    ),
+    (
+        "channels-last",
+        "channels-last images [B, H, W, C]",
+        lambda t: _fitted().score(_x(2, 16, 16, 3)),
+        InputError,
+        r"looks channels-last.*x\.permute\(0, 3, 1, 2\)",
+    ),
+    (
+        "channels-last-first-call",
+        "channels-last images before the model was ever run",
+        lambda t: normscore.create("msp").attach(timm.create_model("resnet18", num_classes=3)).score(_x(1, 64, 64, 3)),
+        InputError,
+        r"looks channels-last.*x\.permute\(0, 3, 1, 2\)",
+    ),
+    (
+        "pil-input",
+        "a PIL image passed to score()",
+        lambda t: _fitted().score(_pil()),
+        InputTypeError,
+        r"PIL image.*normscore\.input_transform\(model\)",
+    ),
+    (
+        "numpy-input",
+        "a numpy array passed to score()",
+        lambda t: _fitted().score(_x(2, 3, 16, 16).numpy()),
+        InputTypeError,
+        r"numpy array.*torch\.from_numpy\(x\).*normscore\.input_transform\(model\)",
     ),
     (
         "vit-wrong-size",
@@ -229,7 +291,35 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         "class-conditional detector on an unlabelled loader",
         lambda t: normscore.create("mahalanobis").fit(_model(), [b[0] for b in _loader()]),
         InputError,
-        "needs labels",
+        "needs labels.*its first batch holds tensors of images only",
+    ),
+    (
+        "labels-soft",
+        "soft labels (rows of class probabilities) for a class-conditional detector",
+        lambda t: _fit_labels(lambda y: torch.nn.functional.one_hot(y, 10).float() * 0.9 + 0.01),
+        InputError,
+        r"soft labels \(10, 10\).*Accepted: class indices",
+    ),
+    (
+        "labels-non-integral",
+        "float labels with fractions",
+        lambda t: _fit_labels(lambda y: y.float() + 0.5),
+        InputError,
+        r"non-integral values \(e\.g\. \d+\.5\)",
+    ),
+    (
+        "labels-negative",
+        "-1 labels (unlabelled samples) for a class-conditional detector",
+        lambda t: _fit_labels(lambda y: y - 1),
+        InputError,
+        "negative",
+    ),
+    (
+        "labels-masks",
+        "per-pixel labels (masks) instead of class labels",
+        lambda t: _fit_labels(lambda y: y[:, None, None].expand(-1, 16, 16)),
+        InputError,
+        r"of shape \(10, 16, 16\) for a batch of 10 images",
     ),
     (
         "labels-out-of-range",
@@ -405,6 +495,27 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         InputError,
         "inference_mode",
     ),
+    (
+        "save-unfitted",
+        "save() of a detector that was never fitted",
+        lambda t: normscore.create("mahalanobis").save(t / "d.ns"),
+        NotFittedError,
+        "not fitted: there is no fitted state to save",
+    ),
+    (
+        "save-to-directory",
+        "save() to a folder",
+        lambda t: _fitted().save(t),
+        FormatError,
+        r"is a directory; save\(\) writes one file",
+    ),
+    (
+        "load-directory",
+        "load() of a folder",
+        lambda t: normscore.load(t),
+        FormatError,
+        r"is a directory; load\(\) reads the one file",
+    ),
     ("file-truncated", "a truncated saved detector", _truncate, FormatError, "truncated"),
     ("file-tampered", "a modified saved detector", _tamper, FormatError, "checksum"),
     ("file-future", "a file from a newer format version", _future, FormatError, "format version 7"),
@@ -423,6 +534,21 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         lambda t: normscore.data.get_dataset("fashion-mnist", data_root=str(t)),
         MissingResourceError,
         "apt-get install dataset-fashion-mnist",
+    ),
+    (
+        "imagenet-empty-train",
+        "an ImageNet data root whose train/ folder is empty",
+        _imagenet_empty_train,
+        MissingResourceError,
+        r"train is empty\. Put the ImageNet train images there",
+    ),
+    (
+        "bench-missing-pieces",
+        "normscore-bench on ImageNet without the checkpoint and without the data",
+        _bench_nothing_there,
+        MissingResourceError,
+        r"(?s)8 missing pieces; nothing was run.*checkpoint .*resnet18\.pt does not exist.*"
+        r"imagenet:train.*imagenet:val.*imagenet:openimage_o",
     ),
     (
         "local-model-unknown",
@@ -453,11 +579,24 @@ def _inference_mode_odin() -> None:
         ScoringModule(model, det)(_x(2, 3, 16, 16))
 
 
+DOC = ROOT / "docs" / "errors.md"
+_TABLE_HEAD = "| case | situation | exception | message |\n|---|---|---|---|\n"
+_SHOWN = 300  # characters of a message shown in docs/errors.md
+
+
+def doc_message(message: str, tmp: Path) -> str:
+    """A message as docs/errors.md shows it: the temporary folder as <tmp>, one line, shortened."""
+    m = " ".join(message.replace(str(tmp), "<tmp>").split()).replace("|", "\\|")
+    return m if len(m) <= _SHOWN else m[:_SHOWN] + " ..."
+
+
+def doc_row(case: tuple, message: str, tmp: Path) -> str:
+    cid, what, _, exc, _ = case
+    return f"| `{cid}` | {what} | `{exc.__name__}` | {doc_message(message, tmp)} |"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_catalogue(case, tmp_path):
-    import normscore.data  # noqa: F401 - used by the dataset cases
-    import normscore.models  # noqa: F401
-
     cid, _, action, exc, pattern = case
     with pytest.raises(exc) as info:
         action(tmp_path)
@@ -466,10 +605,50 @@ def test_bad_input_catalogue(case, tmp_path):
     # raised at the API boundary: the innermost frame is normscore code, not torch internals
     frames = traceback.extract_tb(info.tb)
     assert "normscore" in frames[-1].filename, f"{cid}: raised from {frames[-1].filename}"
+    # docs/errors.md shows this very message
+    row = doc_row(case, str(info.value), tmp_path)
+    assert row in DOC.read_text().splitlines(), (
+        f"docs/errors.md does not show the current message of {cid!r}; regenerate it: "
+        f"PYTHONPATH=. python tests/test_errors.py\n{row}"
+    )
 
 
 def test_catalogue_size_and_docs():
     assert len(CASES) >= 30
-    doc = (ROOT / "docs" / "errors.md").read_text()
-    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
-    assert not missing, f"docs/errors.md does not list {missing}"
+    assert len({c[0] for c in CASES}) == len(CASES), "duplicate case ids"
+    doc = DOC.read_text()
+    table = doc[doc.index(_TABLE_HEAD) + len(_TABLE_HEAD) :].split("\n\n")[0]
+    ids = [line.split("`")[1] for line in table.splitlines()]
+    assert ids == [c[0] for c in CASES], "docs/errors.md lists other cases; regenerate: python tests/test_errors.py"
+    assert f"({len(CASES)} cases)" in doc
+
+
+def write_docs() -> None:
+    """Regenerate the catalogue table of docs/errors.md from CASES with the real messages."""
+    import tempfile
+    import warnings
+
+    from normscore.errors import CalibrationWarning
+
+    warnings.simplefilter("ignore", CalibrationWarning)
+    rows = []
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d)
+            try:
+                case[2](tmp)
+            except Exception as e:  # noqa: BLE001 - recorded, checked by the tests
+                rows.append(doc_row(case, str(e), tmp))
+            else:
+                raise SystemExit(f"case {case[0]!r} raised nothing")
+    text = DOC.read_text()
+    start = text.index(_TABLE_HEAD) + len(_TABLE_HEAD)
+    end = text.index("\n\n", start)
+    text = text[:start] + "\n".join(rows) + text[end:]
+    text = re.sub(r"\(\d+ cases\)", f"({len(CASES)} cases)", text)
+    DOC.write_text(text)
+    print(f"wrote {len(rows)} rows to {DOC}")
+
+
+if __name__ == "__main__":
+    write_docs()

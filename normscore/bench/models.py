@@ -52,6 +52,7 @@ __all__ = [
     "load_checkpoint",
     "trainer_version",
     "weights_hash",
+    "weights_problem",
 ]
 
 
@@ -290,6 +291,73 @@ class LoadedModel:
         }
 
 
+def _tv_default_weights(arch: str) -> Any:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        return None
+
+
+def _tv_weights_file(arch: str) -> str:
+    """The torch hub file of torchvision ``arch``'s default pretrained weights, if on disk."""
+    w = _tv_default_weights(arch)
+    if w is None:
+        raise MissingResourceError(
+            f"torchvision knows no pretrained weights for {arch}: pass --checkpoint PATH or --train-epochs N."
+        )
+    p = _hub_file(w.url)
+    if not os.path.isfile(p):
+        raise MissingResourceError(
+            f"the pretrained weights of torchvision {arch} ({w}) are not on this machine, "
+            "and normscore never downloads. Provide them: --checkpoint PATH (a state_dict, "
+            f"torch.save(model.state_dict(), PATH)), or put the file {os.path.basename(w.url)} "
+            f"at {p}; or train from scratch with --train-epochs N."
+        )
+    return p
+
+
+def _timm_weights_file(name: str) -> str:
+    """A pretrained weight file of timm model ``name`` already on disk."""
+    path, looked = _local_timm_weights(name)
+    if path is None:
+        where = "; ".join(looked) if looked else "no pretrained configuration is known for it"
+        raise MissingResourceError(
+            f"the pretrained weights of timm model {name!r} are not on this machine (looked at: "
+            f"{where}), and normscore never downloads. Provide them: --checkpoint PATH (a "
+            "state_dict, torch.save(model.state_dict(), PATH), .pth or .safetensors), or train "
+            "from scratch with --train-epochs N."
+        )
+    return path
+
+
+def weights_problem(name: str, *, checkpoint: str | None, train: bool) -> str | None:
+    """What is missing for the weights of model ``name`` (``None``: nothing), found without
+    loading them: the checkpoint file, or the pretrained weights on disk. Unknown model names
+    raise :class:`ConfigError`."""
+    parsed = parse_model_name(name)
+    kind, name = parsed.kind, parsed.canonical
+    try:
+        if checkpoint:
+            path = os.path.abspath(os.path.expanduser(checkpoint))
+            if not os.path.isfile(path):
+                raise MissingResourceError(f"checkpoint {path} does not exist.")
+        elif train or kind == "smallcnn":
+            return None
+        elif kind == "local":
+            from ..models import local_weights_file
+
+            local_weights_file(name)
+        elif kind == "torchvision":
+            _tv_weights_file(parsed.arch)
+        else:
+            _timm_weights_file(name)
+    except MissingResourceError as e:
+        return str(e)
+    return None
+
+
 def build_model(
     name: str,
     *,
@@ -336,37 +404,15 @@ def build_model(
         if arch.startswith("inception") or arch == "googlenet":
             kw.update(aux_logits=False, init_weights=False)
         model = torchvision.models.get_model(arch, **kw)
-        try:
-            tv_weights = torchvision.models.get_model_weights(arch).DEFAULT
-        except (ValueError, AttributeError, KeyError):
-            tv_weights = None
-        if how == "pretrained" and tv_weights is None:
-            raise MissingResourceError(
-                f"torchvision knows no pretrained weights for {arch}: pass --checkpoint PATH or --train-epochs N."
-            )
+        tv_weights = _tv_default_weights(arch)
         if how == "pretrained":
-            p = _hub_file(tv_weights.url)
-            if not os.path.isfile(p):
-                raise MissingResourceError(
-                    f"the pretrained weights of torchvision {arch} ({tv_weights}) are not on this machine, "
-                    "and normscore never downloads. Provide them: --checkpoint PATH (a state_dict, "
-                    f"torch.save(model.state_dict(), PATH)), or put the file {os.path.basename(tv_weights.url)} "
-                    f"at {p}; or train from scratch with --train-epochs N."
-                )
+            p = _tv_weights_file(arch)
             sd, checkpoint = load_checkpoint(p), p
     else:
         import timm
 
         if how == "pretrained":
-            path, looked = _local_timm_weights(name)
-            if path is None:
-                where = "; ".join(looked) if looked else "no pretrained configuration is known for it"
-                raise MissingResourceError(
-                    f"the pretrained weights of timm model {name!r} are not on this machine (looked at: "
-                    f"{where}), and normscore never downloads. Provide them: --checkpoint PATH (a "
-                    "state_dict, torch.save(model.state_dict(), PATH), .pth or .safetensors), or train "
-                    "from scratch with --train-epochs N."
-                )
+            path = _timm_weights_file(name)
             model = timm.create_model(
                 name, pretrained=True, pretrained_cfg_overlay={"file": path, "source": ""}, num_classes=num_classes
             )

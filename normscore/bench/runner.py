@@ -35,6 +35,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,15 +45,15 @@ import torch
 
 from .. import __version__
 from ..adapters import Adapter, get_adapter
-from ..data import ImageSet, dataset_info, get_dataset
+from ..data import ImageSet, check_dataset, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
-from ..errors import ConfigError
+from ..errors import CalibrationWarning, ConfigError, MissingResourceError
 from ..metrics import evaluate
 from ..model_names import parse_model_name
 from ..progress import progress_bar
 from ..taps import Features
 from .cache import FeatureCache, spec_keys
-from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash
+from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash, weights_problem
 from .suites import SUITES, Suite
 
 __all__ = ["BenchConfig", "BenchResult", "SplitRef", "run_benchmark", "trains_model"]
@@ -231,6 +232,32 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+def missing_error(problems: list[tuple[str, str]], *, ran: bool) -> MissingResourceError:
+    """One error listing every ``(what, problem)``; splits with the same problem are grouped and
+    a shared explanation (the lines after a problem's first, e.g. a data layout) is said once."""
+    groups: dict[str, list[str]] = {}
+    for what, msg in problems:
+        groups.setdefault(msg, []).append(what)
+    lines, notes = [], []
+    for msg, whats in groups.items():
+        first, _, rest = msg.partition("\n")
+        label = whats[0] if len(whats) == 1 else _group_label(whats)
+        lines.append(f"  - {label + ': ' if label else ''}{first}")
+        if rest.strip() and rest not in notes:
+            notes.append(rest)
+    n = len(lines)
+    head = f"{n} missing piece{'s' if n != 1 else ''}" + ("" if ran else "; nothing was run")
+    return MissingResourceError("\n".join([f"{head}:", *lines, *notes]))
+
+
+def _group_label(whats: list[str]) -> str:
+    """``data imagenet:train, val, ...`` for several splits of one data set."""
+    sets = [w.removeprefix("data ").partition(":") for w in whats]
+    if all(w.startswith("data ") for w in whats) and len({d for d, _, _ in sets}) == 1:
+        return f"data {sets[0][0]}:{', '.join(sp for _, _, sp in sets)}"
+    return ", ".join(whats)
+
+
 def _short_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
@@ -336,10 +363,40 @@ class _Run:
             return InputFormat(3, (size, size), crop_pct=0.875)
         return InputFormat(info.native_channels or 1, (info.native_size, info.native_size))
 
+    def _model_name(self) -> str:
+        return self.cfg.model or (self.suite.model if self.suite else "smallcnn")
+
+    def _needed_splits(self) -> list[tuple[str, str]]:
+        """Every ``(dataset, split)`` the run reads, in order."""
+        out = [(self.cfg.id, self.train_split), (self.cfg.id, self.test_split)]
+        out += [(r.dataset, r.split) for r in self.ood_refs]
+        if self.val_ref is not None:
+            out.append((self.val_ref.dataset, self.val_ref.split))
+        return list(dict.fromkeys(out))
+
+    def missing(self, *, load: bool) -> list[tuple[str, str]]:
+        """``(what, problem)`` for every missing piece: the model weights, then each data split.
+        Data sets without a cheap check are loaded only with ``load=True``."""
+        name = self._model_name()
+        out = []
+        w = weights_problem(name, checkpoint=self.cfg.checkpoint, train=trains_model(self.cfg))
+        if w:
+            out.append((f"model weights ({name})", w))
+        for ds, sp in self._needed_splits():
+            p = check_dataset(ds, sp, data_root=self.cfg.data_root, load=load)
+            if p:
+                out.append((f"data {ds}:{sp}", p.removeprefix(f"{ds}:{sp}: ")))
+        return out
+
+    def preflight(self) -> None:
+        """Check the weights and every data split before anything runs; raise one
+        :class:`MissingResourceError` listing every missing piece."""
+        if self.missing(load=False):
+            raise missing_error(self.missing(load=True), ran=False)
+
     def build_model(self) -> LoadedModel:
         cfg = self.cfg
-        parsed = parse_model_name(cfg.model or (self.suite.model if self.suite else "smallcnn"), check=False)
-        name = parsed.canonical
+        name = parse_model_name(self._model_name(), check=False).canonical
         native = self.native_format(name)
         train = trains_model(cfg)
         if cfg.train_epochs is not None and cfg.checkpoint:
@@ -638,8 +695,11 @@ class _Run:
             det = self._make(name, params)
             if det.needs_fit:
                 t0 = time.perf_counter()
-                # library default calibration (0.1): some multi-pass detectors need held-out ID
-                det.fit(self.lm.model, self._loader("live-fit"), adapter=self.adapter, progress=self.cfg.progress)
+                # library default calibration (0.1): some multi-pass detectors need held-out ID;
+                # the bench scores and never thresholds, so the held-out size is not warned about
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "the predict threshold was calibrated", CalibrationWarning)
+                    det.fit(self.lm.model, self._loader("live-fit"), adapter=self.adapter, progress=self.cfg.progress)
                 state["fit_seconds"] = state.get("fit_seconds", 0.0) + time.perf_counter() - t0
             state["det"] = det
         for k in todo:
@@ -682,14 +742,18 @@ class _Run:
         t_all, c_all = time.perf_counter(), time.process_time()
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.resolve()
-        with self._stage("model"):
-            self.lm = self.build_model()
-        self.log(
-            f"model: {self.lm.name} ({self.lm.weights}, sha256 {self.lm.weights_sha256[:12]}), input "
-            f"{self.lm.format.channels}x{self.lm.format.size[0]}x{self.lm.format.size[1]} on {self.device}"
-        )
-        with self._stage("data"):
-            self.load_data(self.lm.format)
+        self.preflight()
+        try:
+            with self._stage("model"):
+                self.lm = self.build_model()
+            self.log(
+                f"model: {self.lm.name} ({self.lm.weights}, sha256 {self.lm.weights_sha256[:12]}), input "
+                f"{self.lm.format.channels}x{self.lm.format.size[0]}x{self.lm.format.size[1]} on {self.device}"
+            )
+            with self._stage("data"):
+                self.load_data(self.lm.format)
+        except MissingResourceError as e:  # a set without a cheap check: report every missing piece
+            raise missing_error(self.missing(load=True) or [("", str(e))], ran=True) from None
         self.adapter: Adapter = get_adapter(self.lm.model)
         x0 = self.sets["id"][0][0][None].to(self.device)
         self.adapter.ensure_resolved(x0)

@@ -53,6 +53,7 @@ __all__ = [
     "ImageSet",
     "ImageSource",
     "cache_dir",
+    "check_dataset",
     "dataset_info",
     "get_dataset",
     "list_dataset_prefixes",
@@ -364,6 +365,9 @@ class DatasetInfo:
     native_size: int | None = None
     native_channels: int | None = None
     files: bool = False  # images are files of arbitrary size (resize + centre crop)
+    #: ``check(split, data_root)`` raises the MissingResourceError loading would raise, cheaply
+    #: (without reading every file); ``None``: only loading tells
+    check: Callable[[str, str | None], None] | None = None
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
@@ -382,13 +386,14 @@ def register_dataset(
     native_size: int | None = None,
     native_channels: int | None = None,
     files: bool = False,
+    check: Callable[[str, str | None], None] | None = None,
 ) -> None:
     """Register ``loader(split, data_root) -> (images uint8 [N,H,W(,C)] or ImageSource, labels or None)``.
 
-    See :class:`DatasetInfo` for ``formats``, ``native_size``, ``native_channels``, ``files``.
+    See :class:`DatasetInfo` for ``formats``, ``native_size``, ``native_channels``, ``files``, ``check``.
     """
     _REGISTRY[name] = DatasetInfo(
-        name, loader, splits, description, provider, num_classes, formats, native_size, native_channels, files
+        name, loader, splits, description, provider, num_classes, formats, native_size, native_channels, files, check
     )
 
 
@@ -421,6 +426,23 @@ def dataset_info(name: str) -> DatasetInfo:
         f"unknown dataset {name!r}.{did_you_mean(name, _REGISTRY)} Available: {list_datasets()}"
         + (f" and {families}." if families else ".")
     )
+
+
+def check_dataset(name: str, split: str = "test", *, data_root: str | None = None, load: bool = True) -> str | None:
+    """What keeps ``name:split`` from loading (the message of its :class:`MissingResourceError`),
+    or ``None`` when it is there. Sets with a registered ``check`` are checked without reading
+    every file; the others are loaded (``load=False``: not checked, ``None``)."""
+    info = dataset_info(name)
+    if split not in info.splits:
+        raise ConfigError(f"dataset {name!r} has no split {split!r}.{did_you_mean(split, info.splits)}")
+    try:
+        if info.check is not None:
+            info.check(split, data_root)
+        elif load:
+            get_dataset(name, split, data_root=data_root, limit=1)
+    except MissingResourceError as e:
+        return str(e)
+    return None
 
 
 def _loader_kwargs(loader: Callable[..., Any]) -> set[str]:

@@ -31,7 +31,14 @@ import numpy as np
 
 from ..errors import MissingResourceError
 from . import register_dataset
-from .sets import _folder_source, _FolderFiles, class_folder_listing, class_folder_names, list_image_files
+from .sets import (
+    _folder_source,
+    _FolderFiles,
+    class_folder_listing,
+    class_folder_names,
+    has_image_file,
+    list_image_files,
+)
 
 __all__ = ["IMAGENET_FAR", "IMAGENET_NEAR", "IMAGENET_OOD", "IMAGENET_VAL_OOD", "imagenet_root"]
 
@@ -103,6 +110,23 @@ def _train_classes(root: str) -> list[str] | None:
     return (class_folder_names(d) or None) if os.path.isdir(d) else None
 
 
+def _folder_problem(folder: str, split: str, paths: list[str], labelled: bool) -> str | None:
+    """What is wrong with the image folder of ``split`` (``None``: usable)."""
+    if not paths:
+        subdirs = class_folder_names(folder)
+        what = f"is empty (it has {len(subdirs)} sub-folders but no image files)" if subdirs else "is empty"
+        return f"imagenet:{split}: {folder} {what}. Put the ImageNet {split} images there" + (
+            " (one <wnid>/ folder per class)." if split in ("train", "val") else "."
+        )
+    if not labelled:
+        return (
+            f"imagenet:{split}: {folder} has {len(paths)} images but no class sub-folders; ImageNet "
+            f"{split} images must be sorted into <wnid>/ folders (for the validation set, e.g. with "
+            "the usual valprep.sh)."
+        )
+    return None
+
+
 def _imagenet(
     split: str,
     data_root: str | None,
@@ -126,14 +150,11 @@ def _imagenet(
         else:
             classes = _train_classes(root) if split == "val" else None
             paths, labels, names = class_folder_listing(folder, classes)
-            if labels is None:
-                raise MissingResourceError(
-                    f"imagenet:{split}: {folder} has images but no class sub-folders; ImageNet "
-                    f"{split} images must be sorted into <wnid>/ folders (for the validation set, "
-                    f"e.g. with the usual valprep.sh).\n{LAYOUT}"
-                )
-        if not paths:
-            raise MissingResourceError(f"imagenet:{split}: no image files in {folder}.\n{LAYOUT}")
+        if not paths and os.path.isfile(list_path):
+            continue  # an empty folder next to OpenOOD's image list: read the list
+        problem = _folder_problem(folder, split, paths, labels is not None or ood)
+        if problem:
+            raise MissingResourceError(f"{problem}\n{LAYOUT}")
         return _folder_source(paths, names, **kw), labels
     if os.path.isfile(list_path):
         paths, labels = _read_list(root, list_path, split)
@@ -142,9 +163,33 @@ def _imagenet(
     raise MissingResourceError(f"imagenet:{split}: not found - looked for {looked}.\n{LAYOUT}")
 
 
+def _check(split: str, data_root: str | None) -> None:
+    """Raise the error :func:`_imagenet` would raise for ``split``, without listing every file."""
+    root = imagenet_root(data_root)
+    ood = split not in ("train", "val")
+    folders = [os.path.join(root, "ood", split), os.path.join(root, split)] if ood else [os.path.join(root, split)]
+    list_path = os.path.join(root, "benchmark_imglist", "imagenet", _LISTS[split])
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        labelled = ood or bool(class_folder_names(folder))
+        paths = ["?"] if (labelled and has_image_file(folder)) else ([] if labelled else list_image_files(folder))
+        if not paths and os.path.isfile(list_path):
+            break
+        problem = _folder_problem(folder, split, paths, labelled)
+        if problem:
+            raise MissingResourceError(f"{problem}\n{LAYOUT}")
+        return
+    if os.path.isfile(list_path):
+        return
+    looked = " or ".join([*folders, list_path])
+    raise MissingResourceError(f"imagenet:{split}: not found - looked for {looked}.\n{LAYOUT}")
+
+
 register_dataset(
     "imagenet",
     _imagenet,
+    check=_check,
     splits=("train", "val", *IMAGENET_OOD, IMAGENET_VAL_OOD),
     description="ImageNet-1k (local ImageFolder or OpenOOD v1.5 layout) with the OpenOOD v1.5 OOD sets as splits",
     provider="a local copy under --data-root (see normscore.data.imagenet.LAYOUT)",

@@ -434,6 +434,15 @@ def list_image_files(folder: str) -> list[str]:
     return out
 
 
+def has_image_file(folder: str) -> bool:
+    """Whether ``folder`` holds an image file (recursive; stops at the first one found)."""
+    for _dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if any(_is_image(f) and not f.startswith(".") for f in filenames):
+            return True
+    return False
+
+
 def class_folder_names(root: str) -> list[str]:
     """Sorted class sub-folder names of ``root`` (without listing their files)."""
     return sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
@@ -526,6 +535,12 @@ def imagefolder_info(path: str) -> DatasetInfo:
         )
         return src, labels
 
+    def check(split: str, data_root: str | None) -> None:
+        if not has_image_file(folder(split)):
+            raise MissingResourceError(
+                f"imagefolder:{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder(split)}. {_FOLDER_LAYOUT}"
+            )
+
     n_classes = len(class_folder_names(folder(splits[0]))) or None
     return DatasetInfo(
         name=f"imagefolder:{path}",
@@ -537,6 +552,7 @@ def imagefolder_info(path: str) -> DatasetInfo:
         formats=True,
         native_channels=None,
         files=True,
+        check=check,
     )
 
 

@@ -22,14 +22,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
 from .._data import FitStream
 from ..adapters import Adapter, get_adapter
-from ..errors import ConfigError, InputError, ModelMismatchError, NormscoreError, NotFittedError, did_you_mean
+from ..errors import (
+    CalibrationWarning,
+    ConfigError,
+    InputError,
+    ModelMismatchError,
+    NormscoreError,
+    NotFittedError,
+    did_you_mean,
+)
 from ..fingerprint import ModelFingerprint, mismatch_message
-from ..stats import all_gather_cat, all_reduce_int
+from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
 from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, model_device, model_dtype, spec_keys
 from ..taps import tracing as _tracing
 from ._zoo import LazyCache
@@ -102,21 +111,69 @@ class OneOf(Constraint):
 # decisions
 
 
+#: confidence level of :attr:`Decision.tpr_interval`
+TPR_CONFIDENCE = 0.95
+
+
+def tpr_interval(k: int, n: int, confidence: float = TPR_CONFIDENCE) -> tuple[float, float]:
+    """Clopper-Pearson (exact binomial) interval of a rate from ``k`` successes in ``n`` trials."""
+    from scipy.special import betaincinv  # the beta distribution's quantile function
+
+    a = (1.0 - confidence) / 2.0
+    lo = float(betaincinv(k, n - k + 1, a)) if k > 0 else 0.0
+    hi = float(betaincinv(k + 1, n - k, 1.0 - a)) if k < n else 1.0
+    return lo, hi
+
+
+def _tpr_floor(tpr: float) -> float:
+    """The lowest acceptable lower bound of the achieved TPR: the ID rejection rate ``1 - tpr``
+    may be at most doubled (at least 1 point of slack, for ``tpr`` near 1)."""
+    return tpr - max(1.0 - tpr, 0.01)
+
+
+@functools.lru_cache(maxsize=64)
+def held_out_needed(tpr: float, confidence: float = TPR_CONFIDENCE, limit: int = 20_000) -> int:
+    """Held-out size from which on the interval's lower end stays above the floor
+    (``tpr - max(1 - tpr, 0.01)``) when ``ceil(tpr * n)`` samples are accepted."""
+    from scipy.special import betaincinv
+
+    n = np.arange(1, limit + 1)
+    k = np.minimum(n, np.ceil(tpr * n - 1e-9))
+    lo = np.where(k > 0, betaincinv(np.maximum(k, 1), n - k + 1, (1.0 - confidence) / 2.0), 0.0)
+    bad = np.flatnonzero(lo < _tpr_floor(tpr))
+    return int(n[bad[-1]] + 1) if bad.size else 1
+
+
 @dataclass(frozen=True)
 class Decision:
     """A calibrated OOD decision: ``score < threshold`` means OOD.
 
     ``threshold`` accepts (scores >=) at least ``tpr`` of the ``n`` held-out ID samples it was
-    calibrated on; ``achieved_tpr`` is the exact share accepted there.
+    calibrated on; ``achieved_tpr`` is the exact share accepted there. ``tpr_low`` and
+    ``tpr_high`` bound the share of *new* ID data the threshold accepts: the 95% Clopper-Pearson
+    interval of ``achieved_tpr`` over ``n`` samples (wide for small ``n``; computed on load for
+    files saved before it was stored).
     """
 
     threshold: float
     tpr: float
     n: int
     achieved_tpr: float
+    tpr_low: float | None = None
+    tpr_high: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tpr_low is None or self.tpr_high is None) and self.n > 0:
+            lo, hi = tpr_interval(round(self.achieved_tpr * self.n), self.n)
+            object.__setattr__(self, "tpr_low", lo)
+            object.__setattr__(self, "tpr_high", hi)
 
     @staticmethod
-    def calibrate(id_scores: torch.Tensor, tpr: float = 0.95) -> Decision:
+    def calibrate(id_scores: torch.Tensor, tpr: float = 0.95, *, warn: bool = True) -> Decision:
+        """The threshold keeping ``tpr`` of ``id_scores``; warns (:class:`CalibrationWarning`)
+        when the held-out set is too small for it: when the share of new ID data it rejects may
+        be more than twice ``1 - tpr`` at 95% confidence (for ``tpr = 0.95``: fewer than about
+        140 samples; :func:`held_out_needed`)."""
         if not 0.0 < tpr <= 1.0:
             raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
         s = id_scores.detach().double().flatten().cpu()
@@ -130,7 +187,19 @@ class Decision:
         k = min(max(k, 0), n - 1)
         thr = float(srt[k])
         achieved = float((s >= thr).double().mean())
-        return Decision(threshold=thr, tpr=float(tpr), n=int(n), achieved_tpr=achieved)
+        d = Decision(threshold=thr, tpr=float(tpr), n=int(n), achieved_tpr=achieved)
+        if warn and d.tpr_low is not None and d.tpr_low < _tpr_floor(tpr):
+            warnings.warn(
+                f"the predict threshold was calibrated on only {n} held-out ID samples: at 95% "
+                f"confidence it accepts between {100 * d.tpr_low:.1f}% and {100 * (d.tpr_high or 1):.1f}% "
+                f"of new ID data (target {100 * tpr:g}%). For a reliable threshold use at least "
+                f"{held_out_needed(tpr)} held-out samples: fit on more data (calibration= sets the "
+                "held-out share) or det.calibrate(held_out_id_loader). The interval is in "
+                "det.decision.tpr_low / tpr_high.",
+                CalibrationWarning,
+                stacklevel=2,
+            )
+        return d
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +253,8 @@ class Detector(metaclass=_DetectorMeta):
     formula: ClassVar[str] = ""
     #: the fit needs class labels from the loader
     needs_labels: ClassVar[bool] = False
+    #: the fit keeps statistics per class (class means): head classes without fit samples get none
+    per_class: ClassVar[bool] = False
     #: scoring needs a backward pass (input or parameter gradients)
     needs_gradients: ClassVar[bool] = False
     #: the detector has statistics to fit (else ``fit`` only calibrates the threshold)
@@ -374,6 +445,10 @@ class Detector(metaclass=_DetectorMeta):
         self.model  # noqa: B018 - raises the right error
         assert self._adapter is not None
         return self._adapter
+
+    def fit_needs_labels(self) -> bool:
+        """Whether this fit (with these hyperparameters) needs class labels from the loader."""
+        return bool(self.needs_labels)
 
     def _check_labels(self, feats: Features) -> None:
         if self.needs_labels and "labels" not in feats:
@@ -697,6 +772,30 @@ def _is_single_pass(det: Detector) -> bool:
     return spec is None or spec.backward is None
 
 
+def _add_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    n = max(a.numel(), b.numel())
+    return torch.nn.functional.pad(a, (0, n - a.numel())) + torch.nn.functional.pad(b, (0, n - b.numel()))
+
+
+def _warn_empty_classes(names: list[str], counts: torch.Tensor | None, num_classes: int | None) -> None:
+    """Warn when the fit labels leave head classes of per-class detectors without samples."""
+    if not names or counts is None or not num_classes:
+        return
+    counts = _add_counts(counts, torch.zeros(int(num_classes), dtype=counts.dtype))
+    all_reduce_sum(counts)  # every rank's labels (a shard may lack classes the others have)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
+        warnings.warn(
+            f"{', '.join(names)}: only {num_classes - len(empty)} of {num_classes} head classes have fit "
+            f"samples; the {len(empty)} others (classes {shown}) get no class statistics, so ID images "
+            "of those classes score as OOD. Fit on labelled ID data that covers every class the model "
+            "predicts.",
+            CalibrationWarning,
+            stacklevel=4,
+        )
+
+
 def fit_detectors(
     dets: list[Detector],
     stream: FitStream | None,
@@ -724,6 +823,7 @@ def fit_detectors(
     if stream is not None:
         adapter = stream.adapter
         stride = stream.stride
+        stream.need_labels = [d.name for d in dets if d.fit_needs_labels()]
     else:
         if feature_batches is None:
             raise ValueError("fit_detectors needs a stream or feature batches")
@@ -779,6 +879,8 @@ def fit_detectors(
     calib_parts: dict[int, list[Features]] = {id(d): [] for d in single}
     free_scores: dict[int, list[torch.Tensor]] = {id(d): [] for d in fitfree}
     n_seen = 0
+    per_class = [d.name for d in single if d.per_class]
+    class_counts: torch.Tensor | None = None
     if union is not None or stream is None:
         for d in single:
             d._fit_begin(adapter)
@@ -796,10 +898,14 @@ def fit_detectors(
                     d._fit_update(fit_feats)
                 if any_cal and calib_specs[id(d)] is not None:
                     calib_parts[id(d)].append(feats.select(dev_mask))
+            if per_class and "labels" in fit_feats and fit_feats.batch_size:
+                c = fit_feats["labels"].long().bincount(minlength=int(adapter.num_classes or 0)).cpu()
+                class_counts = c if class_counts is None else _add_counts(class_counts, c)
             for d in fitfree:
                 free_scores[id(d)].append(d.score_features(feats))
         for d in single:
             d._fit_end()
+        _warn_empty_classes(per_class, class_counts, adapter.num_classes)
 
     for d in multi:
         assert stream is not None

@@ -74,6 +74,7 @@ class _Gaussian(Detector):
     """Shared fit of the class-conditional Gaussian scores (shared covariance)."""
 
     needs_labels = True
+    per_class = True
     needs_fit = True
     constraints = {"shrinkage": Interval(0.0, 1.0)}
     search_space = {"shrinkage": [0.0, 0.001, 0.01, 0.1]}
@@ -522,6 +523,7 @@ class SHE(Detector):
     paper = "Zhang et al., ICLR 2023 (OpenReview KkazG4lgKL, no arXiv)"
     formula = "<h, m_argmax z>, m_c = mean h of correctly classified fit samples of class c"
     needs_labels = True
+    per_class = True
     needs_fit = True
 
     def __init__(self) -> None:

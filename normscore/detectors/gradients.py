@@ -425,13 +425,15 @@ class LDG(Detector):
         return CaptureSpec(logits=True, penultimate=self.scoring == "ensemble", backward=bw)
 
     # ------------------------------------------------------------------ fit
+    def fit_needs_labels(self) -> bool:
+        return self.scoring in ("probe_msp", "probe_energy") or self.subspace == "class_mean"
+
     def _fit(self, stream: FitStream, calib_store, calib_spec) -> None:
         self._clear_cache()
         adapter = stream.adapter
         dev = next(iter(adapter.model.parameters()), torch.empty(0)).device
         passes = _Pass(stream, self.max_fit_samples)
-        probe = self.scoring in ("probe_msp", "probe_energy")
-        need_labels = probe or self.subspace == "class_mean"
+        need_labels = self.fit_needs_labels()
         keep_feats = False  # the penultimate bank (ensemble), when the model has a linear head
         labelled = None
         lmap: LayerMap | None = None
