@@ -46,10 +46,10 @@ def fenced_blocks(text: str) -> list[tuple[str, int, str]]:
             lines[j].strip().startswith(fence[0] * len(fence)) and not lines[j].strip().strip(fence[0])
         ):
             j += 1
-        code = "\n".join(line[indent:] if line[:indent].isspace() else line.lstrip() for line in lines[i + 1 : j])
-        if not indent:
-            code = "\n".join(lines[i + 1 : j])
-        blocks.append((m["info"], i + 2, code))
+        body = lines[i + 1 : j]
+        if indent:  # a block inside a list item: remove the item's indentation
+            body = [ln[indent:] if ln[:indent].isspace() else ln.lstrip() for ln in body]
+        blocks.append((m["info"], i + 2, "\n".join(body)))
         i = j + 1
     return blocks
 
