@@ -3,7 +3,14 @@
 >>> det = normscore.create("energy").fit(model, id_loader)
 >>> det.score(x)      # float tensor [B], higher = more in-distribution
 >>> det.predict(x)    # bool tensor [B], True = OOD (threshold calibrated at 95% ID TPR)
+
+The tool packages (``normscore.data``, ``normscore.models``, ``normscore.training``,
+``normscore.bench``, ``normscore.finetune``) are attributes of the package too but are imported
+on first access (PEP 562), so ``import normscore`` and the scoring path stay light.
 """
+
+import importlib
+from types import ModuleType
 
 from . import metrics
 from ._version import __version__
@@ -63,3 +70,16 @@ __all__ = [
     "score_loader",
     "set_adapter",
 ]
+
+#: submodules imported on first attribute access (``normscore.data``), never by ``import normscore``
+_LAZY_SUBMODULES = frozenset({"bench", "data", "finetune", "models", "training"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import also sets the attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

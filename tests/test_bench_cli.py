@@ -7,12 +7,14 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 from bench_helpers import save_checkpoint
 from PIL import Image
 from test_data_sets import _fake_imagenet, _img
 
 from normscore.bench.cli import main
+from normscore.metrics import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,16 @@ def test_tiny_end_to_end_run_writes_table_csv_json_and_plots(tmp_path, ckpt, cap
     assert len(rows) == 3 * (6 + 2)
     energy_near = next(r for r in rows if r["detector"] == "energy" and r["ood"] == "near (mean)")
     assert 0.0 <= float(energy_near["auroc"]) <= 100.0 and energy_near["fpr95_oodpos"] != ""  # percent
+    # both AUPR conventions, as named in normscore.metrics (OpenOOD's are the *_trapz columns)
+    for k in ("aupr_in", "aupr_out", "aupr_in_trapz", "aupr_out_trapz"):
+        assert 0.0 <= float(energy_near[k]) <= 100.0, k
+    energy_mnist = next(r for r in rows if r["detector"] == "energy" and r["ood"] == "mnist-5k")
+    scores = np.load(out / "scores.npz")
+    want = evaluate(scores["energy/id"], scores["energy/mnist-5k"])
+    for k in ("aupr_in", "aupr_in_trapz", "aupr_out_trapz"):
+        assert float(energy_mnist[k]) == pytest.approx(100 * want[k], abs=0.01), k  # percent, 2 decimals
     r = json.loads((out / "results.json").read_text())
+    assert "trapezoid" in r["metric_notes"]["aupr_in_trapz"]
     for key in ("normscore", "torch", "timm", "torchvision"):
         assert r["versions"][key]
     assert len(r["model"]["weights_sha256"]) == 64 and r["model"]["checkpoint"] == ckpt

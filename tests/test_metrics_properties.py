@@ -18,7 +18,7 @@ scores = st.one_of(
     arrays(np.float64, st.integers(1, 60), elements=finite),
     arrays(np.float64, st.integers(1, 60), elements=tied),
 )
-KEYS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_oodpos", "detection_error")
+KEYS = tuple(metrics.METRICS)
 
 
 def _close(a: dict, b: dict, keys=KEYS) -> None:
@@ -62,6 +62,8 @@ def test_swap_symmetry(id_s, ood_s):
     assert abs(a["auroc"] - b["auroc"]) < 1e-9
     # swapping roles and signs exchanges the ID- and OOD-positive conventions
     assert abs(a["aupr_in"] - b["aupr_out"]) < 1e-9 and abs(a["aupr_out"] - b["aupr_in"]) < 1e-9
+    assert abs(a["aupr_in_trapz"] - b["aupr_out_trapz"]) < 1e-9
+    assert abs(a["aupr_out_trapz"] - b["aupr_in_trapz"]) < 1e-9
     assert abs(a["fpr95"] - b["fpr95_oodpos"]) < 1e-9 and abs(a["fpr95_oodpos"] - b["fpr95"]) < 1e-9
     assert abs(a["detection_error"] - b["detection_error"]) < 1e-9
     c = metrics.evaluate(ood_s, id_s)  # roles swapped, signs kept: AUROC complements

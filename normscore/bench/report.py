@@ -5,10 +5,11 @@
   and far-OOD means and the ID accuracy. ``fpr95`` is the ID-positive FPR at 95 % TPR: the
   share of OOD images accepted by the threshold that keeps 95 % of the ID test images (lower is
   better). OpenOOD v1.5's OOD-positive variant is ``fpr95_oodpos`` in the CSV/JSON.
-* **results.csv** - one row per (detector, OOD set or group mean) with every metric and the ID
-  accuracy in percent, rounded to 2 decimals (the table's scale, one more decimal; OpenOOD's
-  CSVs use the same), the detector's hyperparameters (JSON). ``results.json`` keeps the exact
-  fractions.
+* **results.csv** - one row per (detector, OOD set or group mean) with every metric of
+  :data:`normscore.metrics.METRICS` (``aupr_in``/``aupr_out`` = average precision,
+  ``aupr_in_trapz``/``aupr_out_trapz`` = OpenOOD's trapezoid AUPR) and the ID accuracy in
+  percent, rounded to 2 decimals (the table's scale, one more decimal; OpenOOD's CSVs use the
+  same), the detector's hyperparameters (JSON). ``results.json`` keeps the exact fractions.
 * **results.json** - the whole run: versions, machine, model (name, weights SHA-256, training
   recipe), data sets and sizes, seeds, hyperparameters (and the search trace), metrics,
   timings, cache use.
@@ -32,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import METRICS as METRIC_DEFINITIONS
 from ..progress import progress_bar
 from .runner import BenchResult
 
 __all__ = ["clip_note", "format_results", "write_csv", "write_json", "write_outputs", "write_plots"]
 
-METRICS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out", "detection_error")
+METRICS = tuple(METRIC_DEFINITIONS)  # the results.csv metric columns, in this order
 
 
 def _pct(v: Any) -> str:
@@ -189,12 +191,7 @@ def _csv_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "detector": name,
                 "ood": t if t in groups else f"{t} (mean)",
                 "group": groups.get(t, t),
-                "auroc": m.get("auroc"),
-                "fpr95": m.get("fpr95"),
-                "fpr95_oodpos": m.get("fpr95_oodpos"),
-                "aupr_in": m.get("aupr_in"),
-                "aupr_out": m.get("aupr_out"),
-                "detection_error": m.get("detection_error"),
+                **{k: m.get(k) for k in METRICS},
                 "n_id": results["id"]["test_size"],
                 "n_ood": sizes.get(t),
                 "id_accuracy": results["id"]["accuracy"],

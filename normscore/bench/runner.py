@@ -48,7 +48,7 @@ from ..adapters import Adapter, get_adapter
 from ..data import ImageSet, check_dataset, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
-from ..metrics import evaluate
+from ..metrics import METRICS, evaluate
 from ..model_names import parse_model_name
 from ..progress import progress_bar
 from ..taps import Features
@@ -907,10 +907,7 @@ class _Run:
             for g, labels in groups.items():
                 vals = [r.metrics[lb] for lb in labels if "auroc" in r.metrics.get(lb, {})]
                 if labels and len(vals) == len(labels):
-                    r.metrics[g] = {
-                        m: float(np.mean([v[m] for v in vals]))
-                        for m in ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out", "detection_error")
-                    }
+                    r.metrics[g] = {m: float(np.mean([v[m] for v in vals])) for m in METRICS}
         self.timings["total"] = time.perf_counter() - t_all
         self.cpu["total"] = time.process_time() - c_all
         return self._result(runs, started)
@@ -994,10 +991,7 @@ class _Run:
             "cache_dir": self.cache_root,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "cpu_seconds": {k: round(v, 3) for k, v in self.cpu.items()},
-            "metric_notes": {
-                "fpr95": "ID positive: share of OOD samples accepted at the threshold that keeps 95% of ID",
-                "fpr95_oodpos": "OOD positive (OpenOOD v1.5): share of ID samples rejected at the threshold that catches 95% of OOD",
-            },
+            "metric_notes": dict(METRICS),
         }
         scores = {r.name: r.scores for r in runs if r.error is None}
         return BenchResult(_json_safe(results), scores, None)

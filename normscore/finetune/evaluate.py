@@ -4,7 +4,8 @@ OOD scores come from the ordinary scoring path (:class:`normscore.DetectorSet`: 
 forward pass per batch, hooks removed afterwards), so what is measured here is exactly what a
 user of ``normscore.create(name)`` gets. Metrics are :func:`normscore.evaluate` (higher score =
 ID): ``auroc``, ``fpr95`` (ID positive: OOD accepted at 95% ID TPR), ``fpr95_oodpos`` (the
-RNA/OE-code convention), ``aupr_in``/``aupr_out``.
+RNA/OE-code convention), ``aupr_in``/``aupr_out`` (average precision) and
+``aupr_in_trapz``/``aupr_out_trapz`` (trapezoid rule, OpenOOD).
 """
 
 from __future__ import annotations
