@@ -257,3 +257,11 @@ def test_model_resolution_and_clear_weight_errors(tmp_path, monkeypatch):
         load_checkpoint(str(tmp_path / "module.pt"))
     with pytest.raises(ConfigError, match="does not fit"):
         build_model("smallcnn", **{**kw, "checkpoint": str(tmp_path / "r18.pt")})
+
+
+def test_bench_config_reads_a_string_of_sets_as_a_list():
+    """BenchConfig(near="mnist-5k") used to fail with "unknown dataset 'm'" (a string iterated)."""
+    from normscore.bench.runner import BenchConfig
+
+    cfg = BenchConfig(near="mnist-5k", far="textures, noise", ood=["photos"])
+    assert cfg.near == ["mnist-5k"] and cfg.far == ["textures", "noise"] and cfg.ood == ["photos"]

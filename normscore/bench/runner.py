@@ -97,6 +97,13 @@ class BenchConfig:
     part_rows: int = 4096
     command: str | None = None  # the command line, recorded in results.json
 
+    def __post_init__(self) -> None:
+        # a comma-separated string is a list of sets (as on the command line), not a sequence of letters
+        for f in ("ood", "near", "far"):
+            v = getattr(self, f)
+            if isinstance(v, str):
+                setattr(self, f, [s.strip() for s in v.split(",") if s.strip()])
+
 
 @dataclass(frozen=True)
 class SplitRef:
