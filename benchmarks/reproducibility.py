@@ -13,6 +13,10 @@ Usage::
 
     python benchmarks/reproducibility.py --out /tmp/repro [--variants threads2,threads1,avx2] [-- BENCH ARGS]
 
+``--cost`` instead times ``train_classifier`` for one epoch of the main job's recipe on 20,000
+Fashion-MNIST images with ``deterministic=True`` (one thread) and ``False`` (the current threads),
+alternating, and prints the ratio: what reproducibility costs.
+
 Prints per variant the wall time, the ID accuracy, whether the model file and results.csv equal
 the reference's, the largest weight difference and the largest AUROC / fpr95 difference in
 percentage points. Run it alone on the machine if the wall times matter.
@@ -80,12 +84,41 @@ def _max_diff(a: list[dict], b: list[dict], metric: str) -> float:
     return worst
 
 
+def training_cost(images: int = 20000, repeats: int = 2) -> None:
+    from normscore.bench.models import SMALLCNN_WIDTH
+    from normscore.data import get_dataset
+    from normscore.models import small_cnn
+    from normscore.training import train_classifier
+
+    data = get_dataset("fashion-mnist", "train", limit=images, seed=0)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for det in (True, False):
+            torch.manual_seed(0)
+            model = small_cnn(width=SMALLCNN_WIDTH)
+            t0 = time.perf_counter()
+            train_classifier(model, data, epochs=1, progress=False, deterministic=det)
+            times[det].append(time.perf_counter() - t0)
+    d, n = min(times[True]), min(times[False])
+    print(f"train_classifier, 1 epoch of {images} images, smallcnn width {SMALLCNN_WIDTH}, best of {repeats}:")
+    print(
+        f"  deterministic=True (1 thread): {d:.1f} s; deterministic=False ({torch.get_num_threads()} threads): {n:.1f} s"
+    )
+    print(f"  cost of reproducibility: {d / n:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="folder for the runs and their caches (must not exist)")
+    ap.add_argument("--out", help="folder for the runs and their caches (must not exist)")
+    ap.add_argument("--cost", action="store_true", help="time deterministic vs multi-threaded training instead")
     ap.add_argument("--variants", default="threads2,threads1,avx2")
     ap.add_argument("bench_args", nargs="*", help="extra normscore-bench arguments (after --)")
     a = ap.parse_args(argv)
+    if a.cost:
+        training_cost()
+        return 0
+    if not a.out:
+        ap.error("--out is required (or --cost)")
     if os.path.exists(a.out):
         raise SystemExit(f"{a.out} exists; give a new folder so that every run starts from an empty cache")
     names = [v.strip() for v in a.variants.split(",") if v.strip()]

@@ -1,13 +1,5 @@
-"""``normscore-finetune``: train and evaluate RNA / Separation / baseline runs from the shell.
-
-::
-
-    normscore-finetune methods
-    normscore-finetune train --method rna --dataset fashion-mnist --long-tail 0.01 \\
-        --model smallcnn --epochs 20 --non-affine-bn --out runs/rna-s0
-    normscore-finetune train ... --out runs/rna-s0 --resume        # continue a killed run
-    normscore-finetune eval runs/rna-s0 --ood mnist-5k sklearn-digits textures noise \\
-        --detectors penultimate_norm msp energy
+"""``normscore-finetune``: train and evaluate RNA / Separation / baseline runs from the shell
+(examples: ``normscore-finetune --help``, written in ``_EPILOG`` below).
 
 A run directory holds ``checkpoint.pt`` / ``checkpoint.json`` (resumable state), and when
 finished ``model.pt`` (the model's state dict), ``projection.pt`` (RNA) and ``model.json``
