@@ -13,6 +13,10 @@ Usage::
 
     python benchmarks/reproducibility.py --out /tmp/repro [--variants threads2,threads1,avx2] [-- BENCH ARGS]
 
+``--kernels`` trains one epoch on 6,000 images in a fresh process per setting (the default
+kernels, then each library limited to AVX2 alone, then all three) and prints the largest weight
+difference to the default: which library's instruction-set choice changes the training.
+
 ``--cost`` instead times ``train_classifier`` for one epoch of the main job's recipe on 20,000
 Fashion-MNIST images with ``deterministic=True`` (one thread) and ``False`` (the current threads),
 alternating, and prints the ratio: what reproducibility costs.
@@ -107,15 +111,57 @@ def training_cost(images: int = 20000, repeats: int = 2) -> None:
     print(f"  cost of reproducibility: {d / n:.2f}x")
 
 
+_KERNEL_SETTINGS = {
+    "default": {},
+    "torch (ATEN_CPU_CAPABILITY=avx2)": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "oneDNN (ONEDNN_MAX_CPU_ISA=AVX2)": {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "MKL (MKL_ENABLE_INSTRUCTIONS=AVX2)": {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "all three": VARIANTS["avx2"][1],
+}
+
+_TRAIN_ONE = """
+import sys, torch
+from normscore.bench.models import SMALLCNN_WIDTH
+from normscore.data import get_dataset
+from normscore.models import small_cnn
+from normscore.training import train_classifier
+torch.manual_seed(0)
+m = train_classifier(small_cnn(width=SMALLCNN_WIDTH), get_dataset("fashion-mnist", "train", limit=6000, seed=0),
+                     epochs=1, progress=False)
+torch.save({k: v.clone() for k, v in m.state_dict().items()}, sys.argv[1])
+"""
+
+
+def kernel_attribution(out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    states = {}
+    for name, env in _KERNEL_SETTINGS.items():
+        path = os.path.join(out, f"kernels-{len(states)}.pt")
+        subprocess.run([sys.executable, "-c", _TRAIN_ONE, path], env={**os.environ, **env}, check=True)
+        states[name] = torch.load(path, weights_only=True)
+    ref = states["default"]
+    print("| kernels limited to AVX2 | weights equal to default | max weight diff |")
+    print("|---|---|---:|")
+    for name, sd in states.items():
+        diff = max(float((sd[k].double() - ref[k].double()).abs().max()) for k in ref)
+        print(f"| {name} | {'yes' if diff == 0 else 'no'} | {diff:.3g} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder for the runs and their caches (must not exist)")
     ap.add_argument("--cost", action="store_true", help="time deterministic vs multi-threaded training instead")
+    ap.add_argument(
+        "--kernels", metavar="DIR", help="which library's kernel choice changes the training (files in DIR)"
+    )
     ap.add_argument("--variants", default="threads2,threads1,avx2")
     ap.add_argument("bench_args", nargs="*", help="extra normscore-bench arguments (after --)")
     a = ap.parse_args(argv)
     if a.cost:
         training_cost()
+        return 0
+    if a.kernels:
+        kernel_attribution(a.kernels)
         return 0
     if not a.out:
         ap.error("--out is required (or --cost)")
