@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._data import unpack_batch
 from .adapters import Adapter
 from .detectors.base import Detector
 from .detectors.dset import DetectorSet
 from .errors import ConfigError, InputError
 from .progress import progress_bar
+from .stream import unpack_batch
 from .taps import (
     CaptureSpec,
     Features,

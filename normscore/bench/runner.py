@@ -49,9 +49,9 @@ from ..data import ImageSet, check_dataset, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
 from ..metrics import METRICS, evaluate
-from ..model_names import parse_model_name
 from ..progress import progress_bar
 from ..taps import Features
+from ..tools.model_names import parse_model_name
 from .cache import FeatureCache, spec_keys
 from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash, weights_problem
 from .suites import SUITES, Suite

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._data import FitStream
 from ..adapters import Adapter, get_adapter
 from ..errors import (
     CalibrationWarning,
@@ -39,6 +38,7 @@ from ..errors import (
 )
 from ..fingerprint import ModelFingerprint, mismatch_message
 from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
+from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, model_device, model_dtype, spec_keys
 from ..taps import tracing as _tracing
 from ._zoo import LazyCache

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._data import FitStream
 from ..adapters import Adapter, get_adapter
 from ..errors import ConfigError
+from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture
 from .base import Detector, create, fit_detectors
 
