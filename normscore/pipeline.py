@@ -24,18 +24,9 @@ from .detectors.base import Detector
 from .detectors.dset import DetectorSet
 from .errors import ConfigError, InputError
 from .progress import progress_bar
+from .runmode import eval_mode, model_device, tracing
 from .stream import unpack_batch
-from .taps import (
-    CaptureSpec,
-    Features,
-    block_key,
-    capture,
-    eval_mode,
-    model_device,
-    prepare_input,
-    reduce_block,
-    tracing,
-)
+from .taps import CaptureSpec, Features, block_key, capture, prepare_input, reduce_block
 
 __all__ = ["ScoringModule", "exportable", "score_loader"]
 

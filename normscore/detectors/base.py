@@ -37,10 +37,11 @@ from ..errors import (
     did_you_mean,
 )
 from ..fingerprint import ModelFingerprint, mismatch_message
+from ..runmode import model_device, model_dtype
+from ..runmode import tracing as _tracing
 from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
 from ..stream import FitStream
-from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, model_device, model_dtype, spec_keys
-from ..taps import tracing as _tracing
+from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, spec_keys
 from ._zoo import LazyCache
 
 __all__ = [

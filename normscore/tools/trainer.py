@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..progress import progress_bar
-from ..taps import eval_mode
+from ..runmode import eval_mode
 
 __all__ = ["deterministic_training", "evaluate_accuracy", "train_classifier"]
 

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ...errors import ConfigError, InputError
-from ...taps import tracing
+from ...runmode import tracing
 
 __all__ = ["KNNBank"]
 

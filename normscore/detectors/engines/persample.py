@@ -65,8 +65,9 @@ from torch import nn
 
 from ...adapters import Adapter
 from ...errors import AdapterError, ConfigError, InputError
+from ...runmode import eval_mode
 from ...stats import all_reduce_sum
-from ...taps import BackwardSpec, CaptureSpec, Features, capture, eval_mode
+from ...taps import BackwardSpec, CaptureSpec, Features, capture
 
 __all__ = [
     "ExactGradients",
