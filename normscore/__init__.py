@@ -19,6 +19,7 @@ from ._version import __version__
 from .adapters import Adapter, BlockInfo, get_adapter, set_adapter
 from .detectors import Decision, Detector, create, detector_class, detector_info, list_detectors, register
 from .detectors.dset import DetectorSet
+from .detectors.persistence import load, save
 from .errors import (
     AdapterError,
     ConfigError,
@@ -31,7 +32,6 @@ from .errors import (
     NotFittedError,
 )
 from .fingerprint import ModelFingerprint
-from .io import load, save
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
 from .preprocess import input_transform
