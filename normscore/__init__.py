@@ -5,8 +5,10 @@
 >>> det.predict(x)    # bool tensor [B], True = OOD (threshold calibrated at 95% ID TPR)
 
 The tool packages (``normscore.data``, ``normscore.models``, ``normscore.training``,
-``normscore.bench``, ``normscore.finetune``) are attributes of the package too but are imported
-on first access (PEP 562), so ``import normscore`` and the scoring path stay light.
+``normscore.tools``, ``normscore.bench``, ``normscore.finetune``) are attributes of the package
+too but are imported on first access (PEP 562), so ``import normscore`` and the scoring path stay
+light. ``normscore.models`` and ``normscore.training`` are the documented names of
+``normscore.tools.zoo`` and ``normscore.tools.trainer``.
 """
 
 import importlib
@@ -17,6 +19,7 @@ from ._version import __version__
 from .adapters import Adapter, BlockInfo, get_adapter, set_adapter
 from .detectors import Decision, Detector, create, detector_class, detector_info, list_detectors, register
 from .detectors.dset import DetectorSet
+from .detectors.persistence import load, save
 from .errors import (
     AdapterError,
     ConfigError,
@@ -29,7 +32,6 @@ from .errors import (
     NotFittedError,
 )
 from .fingerprint import ModelFingerprint
-from .io import load, save
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
 from .preprocess import input_transform
@@ -72,7 +74,7 @@ __all__ = [
 ]
 
 #: submodules imported on first attribute access (``normscore.data``), never by ``import normscore``
-_LAZY_SUBMODULES = frozenset({"bench", "data", "finetune", "models", "training"})
+_LAZY_SUBMODULES = frozenset({"bench", "data", "finetune", "models", "tools", "training"})
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterError, InputError, did_you_mean
+from .runmode import eval_mode
 
 __all__ = ["Adapter", "BlockInfo", "get_adapter", "set_adapter"]
 
@@ -383,8 +384,6 @@ class Adapter:
                 self._probe = self._run_probe(x[:1])
 
     def _run_probe(self, x: torch.Tensor) -> _ProbeResult:
-        from .taps import eval_mode  # local import: taps imports adapters
-
         res = _ProbeResult(input_shape=tuple(x.shape[1:]))
         counter = [0]
         outputs: dict[str, torch.Tensor] = {}

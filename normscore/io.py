@@ -1,4 +1,5 @@
-"""Saving and loading detectors without pickle.
+"""The detector file format: tensors and JSON without pickle (the detectors layer decides what to
+save and load: :mod:`normscore.detectors.persistence`).
 
 File layout (all integers little-endian)::
 
@@ -20,17 +21,17 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ._version import FORMAT_VERSION, __version__
 from .errors import FormatError, NotFittedError
 
-__all__ = ["dumps", "load", "loads", "save"]
+__all__ = ["dumps", "loads", "read_state", "write_state"]
 
 MAGIC = b"\x89NSCORE\n"
 _DTYPES = {
@@ -176,13 +177,14 @@ def loads(data: bytes, source: str = "<bytes>") -> tuple[str, dict[str, Any]]:
     return header["kind"], _unflatten(header["state"], tensors)
 
 
-def save(obj: Any, path: str | os.PathLike) -> None:
-    """Save a detector or detector set to ``path`` (atomically: written, then renamed)."""
-    from .detectors.base import Detector
+def write_state(
+    path: str | os.PathLike, kind: str, state: Callable[[], dict[str, Any]], unfitted: Sequence[str] = ()
+) -> None:
+    """Write ``state()`` as an object of ``kind`` to ``path`` (atomically: written, then renamed).
 
-    kind = "detector" if isinstance(obj, Detector) else type(obj).__name__
-    dets = [obj] if isinstance(obj, Detector) else list(getattr(obj, "detectors", {}).values())
-    unfitted = [d.name for d in dets if isinstance(d, Detector) and d.needs_fit and not d.is_fitted]
+    ``unfitted`` names the parts of the object that are not fitted; the file is refused then,
+    because it would not score. ``state`` is called after the path is checked.
+    """
     if unfitted:
         raise NotFittedError(
             f"{', '.join(unfitted)} {'is' if len(unfitted) == 1 else 'are'} not fitted: there is no "
@@ -195,25 +197,14 @@ def save(obj: Any, path: str | os.PathLike) -> None:
         )
     if not path.parent.is_dir():
         raise FormatError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
-    data = dumps(kind, obj.state_dict())
+    data = dumps(kind, state())
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def load(
-    path: str | os.PathLike, model: nn.Module | None = None, *, strict: bool = True, tag: str | None = None
-) -> Any:
-    """Load a detector (or detector set) saved with ``save``; attach it to ``model`` if given.
-
-    Attaching checks the model fingerprint stored at fit time: another model (another
-    checkpoint or architecture) raises :class:`~normscore.errors.ModelMismatchError`;
-    ``strict=False`` attaches it anyway (with a warning). ``tag`` also requires the tag given to
-    ``fit``. Files saved by older normscore versions hold no fingerprint: they load and attach unchecked,
-    with a warning.
-    """
-    from .detectors.base import create
-
+def read_state(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``(kind, state)`` of the file at ``path`` written by :func:`write_state`."""
     p = Path(path)
     if p.is_dir():
         files = sorted(f.name for f in p.iterdir() if f.is_file())
@@ -224,17 +215,4 @@ def load(
         )
     if not p.is_file():
         raise FormatError(f"no file at {str(p)!r}.")
-    kind, state = loads(p.read_bytes(), source=str(p))
-    if kind == "detector":
-        det = create(state["detector"])
-    elif kind == "DetectorSet":
-        from .detectors.dset import DetectorSet
-
-        det = DetectorSet.from_state_dict(state)
-    else:
-        raise FormatError(f"{p} holds an unknown object kind {kind!r}.")
-    if kind == "detector":
-        det.load_state_dict(state)
-    if model is not None:
-        det.attach(model, strict=strict, tag=tag)
-    return det
+    return loads(p.read_bytes(), source=str(p))

@@ -19,23 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._data import unpack_batch
 from .adapters import Adapter
 from .detectors.base import Detector
 from .detectors.dset import DetectorSet
 from .errors import ConfigError, InputError
 from .progress import progress_bar
-from .taps import (
-    CaptureSpec,
-    Features,
-    block_key,
-    capture,
-    eval_mode,
-    model_device,
-    prepare_input,
-    reduce_block,
-    tracing,
-)
+from .runmode import eval_mode, model_device, tracing
+from .stream import unpack_batch
+from .taps import CaptureSpec, Features, block_key, capture, prepare_input, reduce_block
 
 __all__ = ["ScoringModule", "exportable", "score_loader"]
 

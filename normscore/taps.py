@@ -20,11 +20,7 @@ Guarantees (tested):
 from __future__ import annotations
 
 import contextvars
-import itertools
-import threading
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +28,7 @@ from torch import nn
 
 from .adapters import Adapter, BlockInfo, model_failure, model_output_tensor
 from .errors import AdapterError, InputError, InputTypeError
+from .runmode import eval_mode, model_device, model_dtype
 
 __all__ = [
     "ALL_BLOCKS",
@@ -39,69 +36,14 @@ __all__ = [
     "CaptureSpec",
     "Features",
     "capture",
-    "eval_mode",
     "feature_kind",
     "feature_shape",
-    "model_device",
     "prepare_input",
     "reduce_block",
     "register_view",
     "spec_keys",
-    "tracing",
     "view_key",
 ]
-
-# ---------------------------------------------------------------------------------------------
-# model hygiene: eval mode for the duration of a call, restored afterwards (reference counted)
-
-_GUARD_LOCK = threading.Lock()
-_GUARDS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` (every submodule) in eval mode; restore each module's flag on exit.
-
-    Re-entrant and thread-safe: the first caller saves the flags, the last one restores them.
-    """
-    with _GUARD_LOCK:
-        entry = _GUARDS.get(model)
-        if entry is None:
-            flags = [(m, m.training) for m in model.modules()]
-            entry = [0, flags]
-            _GUARDS[model] = entry
-            for m, _ in flags:
-                m.training = False
-        entry[0] += 1
-    try:
-        yield
-    finally:
-        with _GUARD_LOCK:
-            entry[0] -= 1
-            if entry[0] == 0:
-                for m, flag in entry[1]:
-                    m.training = flag
-                del _GUARDS[model]
-
-
-def tracing() -> bool:
-    """True under ``torch.jit.trace``, ``torch.compile`` and ``torch.export``: code that calls
-    NumPy/faiss or caches values must take its traceable path then."""
-    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in itertools.chain(model.parameters(), model.buffers()):
-        return p.device
-    return torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
 
 # ---------------------------------------------------------------------------------------------
 # what to capture

@@ -9,12 +9,12 @@ import re
 
 import pytest
 
-from normscore._cli import HelpFormatter
 from normscore.bench import suites
 from normscore.bench.cli import build_parser as bench_parser
 from normscore.bench.cli import main as bench_main
 from normscore.finetune.cli import _parser as finetune_parser
 from normscore.finetune.cli import main as finetune_main
+from normscore.tools.cli_help import HelpFormatter
 
 RST = ("``", "::", ":func:", ":class:", ":mod:")
 

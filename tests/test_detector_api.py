@@ -167,7 +167,7 @@ def test_calibrated_threshold_keeps_the_target_tpr(tiny_model):
 
 
 def test_calibration_holdout_does_not_depend_on_batch_size(tiny_model):
-    from normscore._data import FitStream
+    from normscore.stream import FitStream
 
     a = normscore.get_adapter(tiny_model)
     for batch in (1, 7, 64):

@@ -9,8 +9,8 @@ from helpers import TinyCNN, assert_unchanged, make_loader, snapshot
 from torch import nn
 
 import normscore
+from normscore.detectors.engines.jigsaw import jigsaw, jigsaw_permutations, jigsaw_view
 from normscore.errors import AdapterError, ConfigError
-from normscore.jigsaw import jigsaw, jigsaw_permutations, jigsaw_view
 from normscore.taps import ALL_BLOCKS, CaptureSpec, block_key, view_key
 
 # ---------------------------------------------------------------------------------------------

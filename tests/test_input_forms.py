@@ -15,8 +15,8 @@ from torch import nn
 from torchvision import transforms as T
 
 import normscore
-from normscore._data import read_labels
 from normscore.errors import ConfigError, InputError, InputTypeError
+from normscore.stream import read_labels
 
 
 def _model() -> nn.Module:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from normscore.detectors.engines.knn import KNNBank
 from normscore.errors import InputError
-from normscore.knn import KNNBank
 
 
 def _brute(bank, q, k, normalize=True):

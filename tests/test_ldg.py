@@ -11,8 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import normscore
-from normscore.errors import CalibrationWarning, ConfigError, InputError, InputTypeError, NotFittedError
-from normscore.persample import (
+from normscore.detectors.engines.persample import (
     DenseOperator,
     ExactGradients,
     KroneckerSketch,
@@ -22,6 +21,7 @@ from normscore.persample import (
     randomized_subspace,
     resolve_layers,
 )
+from normscore.errors import CalibrationWarning, ConfigError, InputError, InputTypeError, NotFittedError
 
 
 @pytest.fixture(autouse=True)
@@ -234,7 +234,7 @@ def test_scorings_sketch_and_persistence(tmp_path):
     knn = normscore.create("ldg", n_components=6, k=3).fit(m, loader)
     ens = normscore.create("ldg", n_components=6, k=3, scoring="ensemble").fit(m, loader)
     f = normscore.capture(knn.adapter, xt, normscore.CaptureSpec(penultimate=True))
-    bank = normscore.knn.KNNBank()
+    bank = normscore.detectors.engines.knn.KNNBank()
     bank.add(ens.feature_bank_)
     assert torch.allclose(ens.score(xt), knn.score(xt) - bank.kth_distance(f["penultimate"], 3), atol=1e-5)
     for scoring in ("probe_msp", "probe_energy"):

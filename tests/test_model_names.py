@@ -14,8 +14,8 @@ from normscore.bench.models import InputFormat, build_model
 from normscore.errors import ConfigError
 from normscore.finetune.cli import build_model as finetune_build_model
 from normscore.finetune.cli import main as finetune_main
-from normscore.model_names import parse_model_name
 from normscore.models import SmallCNN
+from normscore.tools.model_names import parse_model_name
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from torch import nn
 import normscore
 from normscore.adapters import Adapter
 from normscore.errors import InputError, InputTypeError
-from normscore.taps import BackwardSpec, CaptureSpec, capture, eval_mode
+from normscore.runmode import eval_mode
+from normscore.taps import BackwardSpec, CaptureSpec, capture
 
 
 def test_capture_leaves_model_unchanged_even_in_train_mode(tiny_model):

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .._cli import HelpFormatter
 from ..errors import NormscoreError
-from ..model_names import cli_model_name
+from ..tools.cli_help import HelpFormatter
+from ..tools.model_names import cli_model_name
 
 if TYPE_CHECKING:
     from .runner import BenchConfig, BenchResult
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_lists() -> None:
     import normscore
     from normscore.data import dataset_info, list_dataset_prefixes, list_datasets
-    from normscore.models import list_local_models
+    from normscore.tools.zoo import list_local_models
 
     from .suites import SUITES
 

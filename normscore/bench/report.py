@@ -35,7 +35,7 @@ import numpy as np
 
 from ..metrics import METRICS as METRIC_DEFINITIONS
 from ..progress import progress_bar
-from .runner import BenchResult
+from .result import BenchResult
 
 __all__ = ["clip_note", "format_results", "write_csv", "write_json", "write_outputs", "write_plots"]
 

@@ -49,11 +49,13 @@ from ..data import ImageSet, check_dataset, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
 from ..metrics import METRICS, evaluate
-from ..model_names import parse_model_name
 from ..progress import progress_bar
 from ..taps import Features
+from ..tools.model_names import parse_model_name
 from .cache import FeatureCache, spec_keys
 from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash, weights_problem
+from .report import write_json, write_outputs
+from .result import BenchResult
 from .suites import SUITES, Suite
 
 __all__ = ["BenchConfig", "BenchResult", "SplitRef", "run_benchmark", "trains_model"]
@@ -130,19 +132,6 @@ class DetectorRun:
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BenchResult:
-    """The outcome: the JSON document (``results``), per-detector scores, and the output folder."""
-
-    results: dict[str, Any]
-    scores: dict[str, dict[str, np.ndarray]]
-    out_dir: str | None
-
-    @property
-    def failed(self) -> list[str]:
-        return [n for n, d in self.results["detectors"].items() if d.get("error")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1014,15 +1003,11 @@ def trains_model(cfg: BenchConfig) -> bool:
 
 def run_benchmark(cfg: BenchConfig) -> BenchResult:
     """Run a benchmark (see the module docstring) and write its outputs to ``cfg.out``."""
-    from .report import write_outputs
-
     res = _Run(cfg).run()
     if cfg.out is not None:
         t0 = time.perf_counter()
         write_outputs(res, cfg.out, plots=cfg.plots, progress=cfg.progress)
         res.results["timings"]["outputs"] = round(time.perf_counter() - t0, 3)
         res.out_dir = cfg.out
-        from .report import write_json
-
         write_json(res, cfg.out)
     return res

@@ -30,7 +30,7 @@ import os
 import numpy as np
 
 from ..errors import MissingResourceError
-from . import register_dataset
+from .registry import register_dataset
 from .sets import (
     _folder_source,
     _FolderFiles,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, MissingResourceError
-from . import (
+from .registry import (
     OPENCV_DATA_DIR,
     DatasetInfo,
     FileSource,

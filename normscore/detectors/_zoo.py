@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..runmode import tracing
 from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
-from ..taps import Features, tracing
+from ..taps import Features
 
 #: Budget of the row samples (number of float values, i.e. rows x feature dimension): 2**22
 #: values (16 MB in float32). With 2048-d features this keeps 2048 rows, with 128-d features

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._data import FitStream
 from ..adapters import Adapter, get_adapter
 from ..errors import (
     CalibrationWarning,
@@ -38,9 +37,12 @@ from ..errors import (
     did_you_mean,
 )
 from ..fingerprint import ModelFingerprint, mismatch_message
+from ..io import write_state
+from ..runmode import model_device, model_dtype
+from ..runmode import tracing as _tracing
 from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
-from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, model_device, model_dtype, spec_keys
-from ..taps import tracing as _tracing
+from ..stream import FitStream
+from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, spec_keys
 from ._zoo import LazyCache
 
 __all__ = [
@@ -661,9 +663,7 @@ class Detector(metaclass=_DetectorMeta):
 
     def save(self, path: str) -> None:
         """Save hyperparameters and fitted state (no pickle; see :mod:`normscore.io`)."""
-        from ..io import save
-
-        save(self, path)
+        write_state(path, "detector", self.state_dict, [self.name] if self.needs_fit and not self.is_fitted else [])
 
     def _memo(self, name: str, key: tuple, build: Any) -> Any:
         """``build()`` cached under ``name`` (a :class:`~normscore.detectors._zoo.LazyCache`

@@ -2,7 +2,7 @@
 
 Mahalanobis, RMDS, KNN, ViM, SHE, NNGuide and fDBD. Statistics are streamed in float64
 (:mod:`normscore.stats`); Gaussian scores whiten once (``eigh``) and score with one GEMM in
-float64; neighbour searches use :class:`normscore.knn.KNNBank` (faiss) or a chunked exact top-k.
+float64; neighbour searches use :class:`normscore.detectors.engines.knn.KNNBank` (faiss) or a chunked exact top-k.
 Score-time hyperparameters (``shrinkage``, ``k``, ViM's ``dim``, fDBD's normaliser) are
 applied from stored fitted state, so changing them needs no refit; only the bank-subsampling
 ``alpha`` of KNN / NNGuide is fixed at fit time (changing it raises until you refit).
@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..knn import KNNBank
 from ..stats import ClassMoments, RunningMoments, all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
 from ..taps import CaptureSpec, Features
 from ._zoo import (
@@ -29,6 +28,7 @@ from ._zoo import (
     sample_rows_for,
 )
 from .base import Constraint, Detector, Interval, OneOf, register
+from .engines.knn import KNNBank
 
 __all__ = ["FDBD", "KNN", "SHE", "Mahalanobis", "NNGuide", "RelativeMahalanobis", "ViM"]
 
@@ -269,7 +269,7 @@ class KNN(_Bank):
     subsamples the bank (the paper uses 1% on ImageNet) by a hash of each row's position, so
     the bank does not depend on the batch size.
 
-    Search: :class:`normscore.knn.KNNBank` - faiss ``IndexFlatL2`` (exact, default) or
+    Search: :class:`normscore.detectors.engines.knn.KNNBank` - faiss ``IndexFlatL2`` (exact, default) or
     ``IndexIVFFlat`` (``index="ivf"``, approximate, for banks over ~1M vectors) on CPU, chunked
     ``matmul`` + ``topk`` on GPU. The k-th distance is then recomputed exactly from the vectors,
     so scores do not depend on the batch size. The index is rebuilt lazily from ``bank_``

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._data import FitStream
 from ..adapters import Adapter, get_adapter
 from ..errors import ConfigError
+from ..io import write_state
+from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture
 from .base import Detector, create, fit_detectors
 
@@ -184,6 +185,7 @@ class DetectorSet:
         return ds
 
     def save(self, path: str) -> None:
-        from ..io import save
-
-        save(self, path)
+        unfitted = [
+            d.name for d in self.detectors.values() if isinstance(d, Detector) and d.needs_fit and not d.is_fitted
+        ]
+        write_state(path, type(self).__name__, self.state_dict, unfitted)

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, ConfigError, InputError, NotFittedError
-from ..jigsaw import jigsaw_view
 from ..stats import all_reduce_sum
 from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, view_key
 from .base import Constraint, Detector, Interval, OneOf, register
+from .engines.jigsaw import jigsaw_view
 
 __all__ = ["FeatureNorm"]
 
@@ -36,7 +36,7 @@ class FeatureNorm(Detector):
         NormRatio_l  = mean_i FN_l(x_i) / FN_l(J(x_i))          (ID training images x_i)
         l*           = argmax_l NormRatio_l ;   score(x) = FN_{l*}(x)   (higher = more ID)
 
-    ``J`` is the jigsaw of :mod:`normscore.jigsaw` (``grid x grid`` tiles, permutation seeded by
+    ``J`` is the jigsaw of :mod:`normscore.detectors.engines.jigsaw` (``grid x grid`` tiles, permutation seeded by
     ``(seed, sample position)``), applied to the preprocessed batch and captured in the *same*
     forward pass as the batch through an input view, so each image is paired with its own
     jigsaw. Every candidate block of the adapter is measured in that one pass;

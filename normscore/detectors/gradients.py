@@ -10,10 +10,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._data import Batch, FitStream
 from ..errors import ConfigError, InputError, NotFittedError
-from ..knn import KNNBank
-from ..persample import (
+from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
+from ..stream import Batch, FitStream
+from ..taps import CaptureSpec, Features, capture
+from .base import Constraint, Detector, Interval, OneOf, register
+from .engines.knn import KNNBank
+from .engines.persample import (
     ExactGradients,
     KroneckerSketch,
     LayerMap,
@@ -24,9 +27,6 @@ from ..persample import (
     resolve_layers,
     slots_from_names,
 )
-from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
-from ..taps import CaptureSpec, Features, capture
-from .base import Constraint, Detector, Interval, OneOf, register
 
 __all__ = ["LDG", "GradNorm"]
 
@@ -301,7 +301,7 @@ class LDG(Detector):
     The representation is computed as ``G_low(x) = <g(x), V/sigma> - <mu, V/sigma>`` from one
     batched backward pass: every layer's per-sample gradient is formed in closed form from its
     captured input and output gradient and multiplied by its rows of ``V/sigma`` at once
-    (:mod:`normscore.persample`). ``transform(x)`` returns ``G_low(x)``.
+    (:mod:`normscore.detectors.engines.persample`). ``transform(x)`` returns ``G_low(x)``.
 
     Scores (higher = more ID): ``"knn"`` (default) ``-||u - u_(k)||`` with ``u`` the
     L2-normalised ``G_low`` and ``u_(k)`` its k-th nearest ID-train neighbour; ``"probe_msp"`` /

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._cli import HelpFormatter
 from ..errors import ConfigError, NormscoreError
-from ..model_names import cli_model_name, parse_model_name
+from ..tools.cli_help import HelpFormatter
+from ..tools.model_names import cli_model_name, parse_model_name
 from .train import METHODS, FinetuneConfig, finetune, load_finetuned, read_run
 
 __all__ = ["build_model", "main"]
@@ -38,12 +38,12 @@ _METHOD_HELP = {
 
 def build_model(spec: str, num_classes: int, in_chans: int) -> nn.Module:
     """A randomly initialised model from a model name in the format of ``normscore-bench``
-    (:func:`normscore.model_names.parse_model_name`): ``smallcnn[:width]``, a timm name or
+    (:func:`normscore.tools.model_names.parse_model_name`): ``smallcnn[:width]``, a timm name or
     ``tv:<name>`` (torchvision models need 3 input channels). The old spellings
     ``small_cnn[:width]``, ``timm:<name>`` and ``torchvision:<name>`` still work and warn."""
     m = parse_model_name(spec)
     if m.kind == "smallcnn":
-        from ..models import small_cnn
+        from ..tools.zoo import small_cnn
 
         return small_cnn(num_classes=num_classes, in_chans=in_chans, width=m.width or 32)
     if m.kind == "timm":

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .errors import ConfigError, InputError
-from .taps import tracing
+from ...errors import ConfigError, InputError
+from ...runmode import tracing
 
 __all__ = ["KNNBank"]
 

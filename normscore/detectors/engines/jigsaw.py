@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .taps import register_view
+from ...taps import register_view
 
 __all__ = ["jigsaw", "jigsaw_permutations", "jigsaw_view"]
 

@@ -63,10 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import Adapter
-from .errors import AdapterError, ConfigError, InputError
-from .stats import all_reduce_sum
-from .taps import BackwardSpec, CaptureSpec, Features, capture, eval_mode
+from ...adapters import Adapter
+from ...errors import AdapterError, ConfigError, InputError
+from ...runmode import eval_mode
+from ...stats import all_reduce_sum
+from ...taps import BackwardSpec, CaptureSpec, Features, capture
 
 __all__ = [
     "ExactGradients",

@@ -1,8 +1,8 @@
 """Model names, one format for ``normscore-bench`` and ``normscore-finetune``.
 
-* ``smallcnn`` or ``smallcnn:WIDTH`` - :func:`normscore.models.small_cnn` (``normscore-bench`` trains
+* ``smallcnn`` or ``smallcnn:WIDTH`` - :func:`normscore.tools.zoo.small_cnn` (``normscore-bench`` trains
   width 16 unless told, ``normscore-finetune`` width 32; a checkpoint brings its own width);
-* a local pretrained model of :func:`normscore.models.list_local_models` (``efficientnet_lite0``);
+* a local pretrained model of :func:`normscore.tools.zoo.list_local_models` (``efficientnet_lite0``);
 * any timm architecture, plain: ``resnet50``, ``vit_small_patch16_224``, ``resnet50.a1_in1k``;
 * any torchvision classification model with the prefix ``tv:``: ``tv:resnet50``.
 
@@ -17,7 +17,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["ModelName", "cli_model_name", "parse_model_name"]
 
@@ -71,7 +71,7 @@ def _check_torchvision(arch: str, given: str) -> None:
 
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
-        from .errors import did_you_mean
+        from ..errors import did_you_mean
 
         raise ConfigError(
             f"unknown torchvision classification model {arch!r} (in {given!r}).{did_you_mean(arch, known)} "
@@ -86,7 +86,7 @@ def _check_timm(arch: str, given: str) -> None:
         return
     import difflib
 
-    from .models import list_local_models
+    from .zoo import list_local_models
 
     base = arch.split(".")[0]
     close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.75)
@@ -130,7 +130,7 @@ def parse_model_name(name: str, *, check: bool = True, warn: bool = True) -> Mod
     elif sep:
         raise ConfigError(f"bad model name {given!r}: unknown prefix {prefix + ':'!r}. Model names: {_FORMAT}.")
     else:
-        from .models import list_local_models
+        from .zoo import list_local_models
 
         if given in list_local_models():
             parsed = ModelName("local", given)
