@@ -28,7 +28,7 @@ How images reach a requested format (``channels``, ``image_size``):
 ``register_dataset_prefix`` a family of sets named ``prefix:argument`` (``imagefolder:PATH``).
 """
 
-from . import imagenet, sets  # noqa: F401 - registers the remaining sets
+from . import imagenet, registry, sets  # noqa: F401 - imagenet and sets register the remaining sets
 from .registry import (  # noqa: F401 - importable from normscore.data as before the registry moved
     DEFAULT_CROP_PCT,
     DEFAULT_FILE_SIZE,
@@ -52,17 +52,4 @@ from .registry import (  # noqa: F401 - importable from normscore.data as before
     resize_center_crop,
 )
 
-__all__ = [
-    "DatasetInfo",
-    "FileSource",
-    "ImageSet",
-    "ImageSource",
-    "cache_dir",
-    "check_dataset",
-    "dataset_info",
-    "get_dataset",
-    "list_dataset_prefixes",
-    "list_datasets",
-    "register_dataset",
-    "register_dataset_prefix",
-]
+__all__ = list(registry.__all__)  # the public names are the registry's
