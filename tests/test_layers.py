@@ -39,6 +39,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "normscore.taps",
             "normscore.stream",
             "normscore.fingerprint",
+            "normscore.files",
             "normscore.io",
             "normscore.preprocess",
         ),

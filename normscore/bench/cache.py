@@ -37,6 +37,7 @@ import torch
 
 from .. import __version__
 from ..adapters import Adapter
+from ..files import atomic_write
 from ..progress import progress_bar
 from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, capture, get_view, parse_key, view_key
 
@@ -118,16 +119,11 @@ def _hash(obj: Any, n: int = 24) -> str:
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
 def _atomic_torch(path: str, obj: dict[str, torch.Tensor]) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..adapters import get_adapter, model_output_tensor
 from ..errors import ConfigError, FormatError, InputError
+from ..files import atomic_write
 from ..progress import progress_bar
 from .bn import make_bn_non_affine
 from .losses import (
@@ -333,16 +334,11 @@ def _as_tensors(data: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _atomic_save(obj: object, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_json(obj: object, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------
