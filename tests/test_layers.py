@@ -40,6 +40,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "normscore.stream",
             "normscore.fingerprint",
             "normscore.files",
+            "normscore.hashing",
             "normscore.io",
             "normscore.preprocess",
         ),
