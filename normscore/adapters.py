@@ -253,6 +253,11 @@ class Adapter:
         return m
 
     @property
+    def root(self) -> nn.Module:
+        """The model the names refer to: ``model`` without a ``torch.compile`` wrapper."""
+        return self._root
+
+    @property
     def module_names(self) -> list[str]:
         return [n for n in self._modules if n]
 

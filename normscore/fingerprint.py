@@ -56,7 +56,7 @@ class ModelFingerprint:
     @classmethod
     def of(cls, adapter: Adapter, keys: Iterable[str] = (), *, tag: str | None = None) -> ModelFingerprint:
         """The fingerprint of ``adapter``'s (resolved) model for a detector using feature ``keys``."""
-        root = adapter._root
+        root = adapter.root
         cfg = getattr(root, "pretrained_cfg", None)
         variant = cfg.get("architecture") if isinstance(cfg, Mapping) else None
         head, digest = _head_digest(adapter)
@@ -144,7 +144,7 @@ def _hashed_module(adapter: Adapter) -> tuple[str | None, nn.Module | None]:
     if adapter.has_head:
         return adapter.head_name, adapter.head
     last: tuple[str | None, nn.Module | None] = (None, None)
-    for name, m in adapter._root.named_modules():
+    for name, m in adapter.root.named_modules():
         if any(True for _ in m.parameters(recurse=False)):
             last = (name, m)
     return last

@@ -30,6 +30,7 @@ import torch
 
 from ._version import FORMAT_VERSION, __version__
 from .errors import FormatError, NotFittedError
+from .files import atomic_write
 
 __all__ = ["dumps", "loads", "read_state", "write_state"]
 
@@ -197,10 +198,7 @@ def write_state(
         )
     if not path.parent.is_dir():
         raise FormatError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist.")
-    data = dumps(kind, state())
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, dumps(kind, state()))
 
 
 def read_state(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:

@@ -77,12 +77,12 @@ class _GraphScorer(nn.Module):
             pen = out["penultimate"]
             feats["penultimate"] = pen.flatten(1).float()
         for name, red in self.block_specs:
-            feats[block_key(name, red)] = reduce_block(out[f"block:{name}"], self.infos[name], red)
+            feats[block_key(name, red)] = reduce_block(out[block_key(name, "raw")], self.infos[name], red)
         return feats
 
 
 def _feature_graph(model: nn.Module, head: str | None, blocks: list[str], penultimate: bool) -> nn.Module:
-    """An FX GraphModule of ``model`` returning ``{"logits", "penultimate"?, "block:<name>"...}``."""
+    """An FX GraphModule of ``model`` returning ``{"logits", "penultimate"?, block_key(<name>, "raw")...}``."""
     try:  # timm's wrapper knows timm's leaf modules and untraceable helpers
         from timm.models import create_feature_extractor
         from timm.models._features_fx import get_graph_node_names
@@ -94,7 +94,9 @@ def _feature_graph(model: nn.Module, head: str | None, blocks: list[str], penult
             logits_node = names[-1]
         else:
             logits_node = head
-        fe = create_feature_extractor(model, return_nodes={logits_node: "logits", **{b: f"block:{b}" for b in blocks}})
+        fe = create_feature_extractor(
+            model, return_nodes={logits_node: "logits", **{b: block_key(b, "raw") for b in blocks}}
+        )
     except Exception as e:  # noqa: BLE001 - tracing failures come in many types
         raise ConfigError(
             f"the model cannot be traced symbolically with torch.fx ({type(e).__name__}: {e}); the "

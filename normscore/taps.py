@@ -34,12 +34,18 @@ __all__ = [
     "ALL_BLOCKS",
     "BackwardSpec",
     "CaptureSpec",
+    "FeatureKey",
     "Features",
+    "block_key",
     "capture",
     "feature_kind",
     "feature_shape",
+    "get_view",
+    "parse_key",
     "prepare_input",
     "reduce_block",
+    "reduction_names",
+    "register_reduction",
     "register_view",
     "spec_keys",
     "view_key",
@@ -144,8 +150,53 @@ class Features(dict):
             ) from None
 
 
+# ---------------------------------------------------------------------------------------------
+# feature keys: taps build and parse every key (nobody else knows the format)
+
+_BLOCK = "block:"
+_VIEW_SEP = "|"
+
+
 def block_key(name: str, reduction: str) -> str:
-    return f"block:{name}:{reduction}"
+    """The key of block ``name``'s output reduced with ``reduction``: ``"block:<name>:<reduction>"``."""
+    return f"{_BLOCK}{name}:{reduction}"
+
+
+def view_key(view: str, key: str) -> str:
+    """The key of feature ``key`` captured on input view ``view``: ``"<view>|<key>"``."""
+    return f"{view}{_VIEW_SEP}{key}"
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """A parsed feature key (:func:`parse_key`).
+
+    ``base`` is the key without its input view; ``view`` the view's name (``None`` on the
+    plain input); ``block`` and ``reduction`` are set for block keys only.
+    """
+
+    base: str
+    view: str | None = None
+    block: str | None = None
+    reduction: str | None = None
+
+    @property
+    def kind(self) -> str | None:
+        """``"logits"``, ``"penultimate"`` or ``"blocks"`` for a standard key, else ``None``."""
+        if self.base in ("logits", "penultimate"):
+            return self.base
+        return "blocks" if self.block is not None else None
+
+
+def parse_key(key: str) -> FeatureKey:
+    """Split a feature key into its view, base key, block name and reduction."""
+    view, sep, base = key.partition(_VIEW_SEP)
+    if not sep:
+        view, base = None, key  # type: ignore[assignment]
+    if base.startswith(_BLOCK):
+        name, _, red = base[len(_BLOCK) :].rpartition(":")
+        return FeatureKey(base, view, name, red)
+    return FeatureKey(base, view)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,23 +214,41 @@ def _spatial_view(t: torch.Tensor, info: BlockInfo) -> torch.Tensor:
     raise ValueError(f"unknown layout {info.layout}")
 
 
-def reduce_block(t: torch.Tensor, info: BlockInfo, reduction: str) -> torch.Tensor:
-    """Reduce one block output.
+Reduction = Callable[[torch.Tensor], torch.Tensor]
+_REDUCTIONS: dict[str, Reduction] = {}
 
-    * ``"featurenorm"`` - mean over channels of the L2 norm over positions of ``ReLU(A_c)``
-      (Yu et al., CVPR 2023). For tokens, patch tokens play the spatial role and the
-      ``prefix_tokens`` class/register tokens are excluded. Shape ``[B]``.
+
+def register_reduction(name: str, fn: Reduction) -> None:
+    """Register a block reduction ``fn(v [B, C, S] float) -> [B, ...]``, computed inside the
+    forward hook on the block output seen as channels x positions (patch tokens for token
+    layouts, class/register tokens excluded). ``"raw"`` (the output itself) is built in."""
+    if name == "raw" or ":" in name or _VIEW_SEP in name:
+        raise ValueError(f"invalid reduction name {name!r} (reserved, or contains ':' or '|')")
+    _REDUCTIONS[name] = fn
+
+
+def reduction_names() -> list[str]:
+    """The registered block reductions (and ``"raw"``)."""
+    return ["raw", *sorted(_REDUCTIONS)]
+
+
+def reduce_block(t: torch.Tensor, info: BlockInfo, reduction: str) -> torch.Tensor:
+    """Reduce one block output with a registered reduction.
+
     * ``"gap"`` - mean over positions (patch tokens), ``[B, C]``.
     * ``"raw"`` - the output itself.
+    * others registered with :func:`register_reduction` (e.g. ``"featurenorm"``, registered by
+      :mod:`normscore.detectors.featurenorm`).
     """
     if reduction == "raw":
         return t
-    v = _spatial_view(t, info).float()
-    if reduction == "featurenorm":
-        return torch.relu(v).norm(dim=2).mean(dim=1)
-    if reduction == "gap":
-        return v.mean(dim=2)
-    raise ValueError(f"unknown block reduction {reduction!r}")
+    fn = _REDUCTIONS.get(reduction)
+    if fn is None:
+        raise ValueError(f"unknown block reduction {reduction!r}")
+    return fn(_spatial_view(t, info).float())
+
+
+register_reduction("gap", lambda v: v.mean(dim=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,13 +265,14 @@ def register_view(name: str, fn: ViewFn) -> None:
     draw random numbers can seed them per sample and stay independent of the batch size.
     Captured view features are stored under ``"<view>|<key>"``.
     """
-    if "|" in name:
+    if _VIEW_SEP in name:
         raise ValueError("view names cannot contain '|'")
     _VIEWS[name] = fn
 
 
-def view_key(view: str, key: str) -> str:
-    return f"{view}|{key}"
+def get_view(name: str) -> ViewFn | None:
+    """The registered input view ``name`` (``None`` if there is none)."""
+    return _VIEWS.get(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +428,6 @@ def capture(
             for k, t in allf.items():
                 out[view_key(v, k)] = t[i * b : (i + 1) * b]
         return out
-    modules = adapter._modules
     call = _Call()
     handles: list = []
     store = call.store
@@ -382,7 +451,7 @@ def capture(
                 if owner():
                     store["penultimate"] = args[0].flatten(1)
 
-            handles.append(modules[head_name].register_forward_pre_hook(head_pre))
+            handles.append(adapter.module(head_name).register_forward_pre_hook(head_pre))
 
         for name, reds in blocks_by_name.items():
             info = infos[name]
@@ -396,7 +465,7 @@ def capture(
                     t = reduce_block(out, _info, r)
                     store[block_key(_name, r)] = t
 
-            handles.append(modules[name].register_forward_hook(block_hook))
+            handles.append(adapter.module(name).register_forward_hook(block_hook))
 
         if bw is not None:
             for name, fn in bw.layers.items():
@@ -414,7 +483,7 @@ def capture(
 
                     out.register_hook(grad_hook)
 
-                handles.append(modules[name].register_forward_hook(layer_hook))
+                handles.append(adapter.module(name).register_forward_hook(layer_hook))
 
         token = _ACTIVE.set(call)
         try:
@@ -488,26 +557,22 @@ def spec_keys(adapter: Adapter, spec: CaptureSpec) -> list[str]:
 def feature_kind(key: str) -> str | None:
     """``"logits"``, ``"penultimate"`` or ``"blocks"`` for a standard key (of any input view),
     else ``None``."""
-    key = key.rsplit("|", 1)[-1]
-    if key in ("logits", "penultimate"):
-        return key
-    return "blocks" if key.startswith("block:") else None
+    return parse_key(key).kind
 
 
 def feature_shape(adapter: Adapter, key: str) -> tuple[int, ...] | None:
     """Per-sample shape of the standard feature ``key`` on ``adapter``'s (resolved) model;
     ``None`` when the model has no such feature (no linear head, no such block)."""
-    key = key.rsplit("|", 1)[-1]
-    if key == "logits":
+    k = parse_key(key)
+    if k.base == "logits":
         return None if adapter.num_classes is None else (int(adapter.num_classes),)
-    if key == "penultimate":
+    if k.base == "penultimate":
         return (adapter.num_features,) if adapter.has_head else None
-    if key.startswith("block:"):
-        name, red = key[len("block:") :].rsplit(":", 1)
-        if name not in adapter.block_names:
+    if k.block is not None and k.reduction is not None:
+        if k.block not in adapter.block_names:
             return None
-        info = adapter.block(name)
-        out = reduce_block(torch.empty((1, *info.shape), device="meta"), info, red)
+        info = adapter.block(k.block)
+        out = reduce_block(torch.empty((1, *info.shape), device="meta"), info, k.reduction)
         return tuple(int(d) for d in out.shape[1:])
     return None
 

@@ -388,3 +388,21 @@ def test_cli_train_resume_and_eval(tmp_path, capsys):
     assert set(rep["ood"]) == {"penultimate_norm", "msp", "energy"}
     assert 0.0 <= rep["ood"]["penultimate_norm"]["noise"]["auroc"] <= 1.0
     assert main(["methods"]) == 0
+
+
+def test_methods_table_names_its_terms():
+    """METHODS maps a name to a frozen ``Method`` with named terms (not positional booleans),
+    and a config reads each term by name."""
+    import dataclasses
+
+    from normscore.finetune.train import METHODS, FinetuneConfig, Method
+
+    for name, m in METHODS.items():
+        assert isinstance(m, Method)
+        cfg = FinetuneConfig(method=name)
+        got = (cfg.uses_la, cfg.uses_oe, cfg.uses_ood, cfg.uses_rna, cfg.uses_features)
+        assert got == (m.logit_adjusted, m.outlier_exposure, m.ood_rows, m.rna, m.feature_terms)
+        assert not m.outlier_exposure or m.ood_rows  # the OE term needs OOD rows
+    assert METHODS["rna"].rna and not METHODS["ce"].rna
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        METHODS["ce"].rna = True  # type: ignore[misc]

@@ -39,6 +39,8 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "normscore.taps",
             "normscore.stream",
             "normscore.fingerprint",
+            "normscore.files",
+            "normscore.hashing",
             "normscore.io",
             "normscore.preprocess",
         ),
@@ -266,3 +268,68 @@ def test_scoring_never_loads_bench_finetune_data_or_tools(tmp_path):
     )
     leaked = [m for m in loaded if m in tools or m.startswith(tuple(t + "." for t in tools))]
     assert not leaked, leaked
+
+
+# ---------------------------------------------------------------------------------------------
+# owners of private knowledge: the feature-key format (taps), views and reductions (taps), the
+# model's module table (adapters)
+
+
+def _is_block_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value.startswith("block:")
+    if isinstance(node, ast.JoinedStr) and node.values:
+        first = node.values[0]
+        return isinstance(first, ast.Constant) and isinstance(first.value, str) and first.value.startswith("block:")
+    return False
+
+
+def _splits_on_key_separator(node: ast.AST) -> bool:
+    """``k.split("|")``-style parsing of a view key or ``"|" in k``."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        if node.func.attr in ("split", "rsplit", "partition", "rpartition") and node.args:
+            a = node.args[0]
+            return isinstance(a, ast.Constant) and a.value == "|"
+    if isinstance(node, ast.Compare) and isinstance(node.left, ast.Constant) and node.left.value == "|":
+        return any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)
+    return False
+
+
+def leaks(source: str, module: str) -> list[str]:
+    """Feature-key building/parsing outside taps and private ``_VIEWS`` / ``_REDUCTIONS`` /
+    ``_modules`` / ``_root`` access outside their owners, as ``"line: what"``."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if module != "normscore.taps":
+            if _is_block_literal(node):
+                found.add(f"{line}: builds or parses a 'block:' key (use taps.block_key / taps.parse_key)")
+            if _splits_on_key_separator(node):
+                found.add(f"{line}: parses a '<view>|<key>' key (use taps.parse_key)")
+        if isinstance(node, ast.Attribute):
+            if node.attr in ("_VIEWS", "_REDUCTIONS") and module != "normscore.taps":
+                found.add(f"{line}: reads taps.{node.attr} (use taps.get_view / taps.reduce_block)")
+            if node.attr in ("_modules", "_root") and module != "normscore.adapters":
+                found.add(f"{line}: reads Adapter.{node.attr} (use adapter.module(name) / adapter.root)")
+    return sorted(found)
+
+
+def test_the_leak_guard_sees_leaks():
+    bad = """
+k = f"block:{name}:{red}"
+if key.startswith("block:"): pass
+view, _, base = key.partition("|")
+ok = "|" in key
+fn = taps._VIEWS.get(v)
+m = adapter._modules[name]
+r = adapter._root
+"""
+    assert len(leaks(bad, "normscore.bench.cache")) == 7
+    assert leaks('name, _, arg = given.partition(":")\nk = block_key(n, r)', "normscore.tools.model_names") == []
+
+
+def test_feature_keys_views_and_module_tables_have_one_owner():
+    """Only taps builds and parses feature keys and reads its registries; only the adapter
+    reads its module table (issue 13, item 6)."""
+    bad = [f"{p.relative_to(ROOT)}:{hit}" for m, p in _modules().items() for hit in leaks(p.read_text(), m)]
+    assert not bad, "\n".join(bad)

@@ -189,3 +189,29 @@ def test_half_precision_model_is_scored_in_its_dtype():
     ref = normscore.create("energy").attach(m).score(x)
     assert s.dtype == torch.float32
     assert torch.allclose(s, ref, atol=0.1)
+
+
+def test_feature_keys_round_trip_through_taps():
+    from normscore.taps import block_key, feature_kind, parse_key, view_key
+
+    k = block_key("layer1.0", "gap")
+    assert parse_key(k) == parse_key(k)  # frozen, comparable
+    p = parse_key(view_key("jig", k))
+    assert (p.view, p.base, p.block, p.reduction, p.kind) == ("jig", k, "layer1.0", "gap", "blocks")
+    assert (parse_key("logits").view, parse_key("logits").kind) == (None, "logits")
+    assert parse_key("input_grad").kind is None and feature_kind(view_key("v", "penultimate")) == "penultimate"
+
+
+def test_block_reductions_register_like_views():
+    from normscore.adapters import BlockInfo
+    from normscore.taps import reduce_block, reduction_names, register_reduction
+
+    info = BlockInfo(name="b", layout="nchw", prefix_tokens=0, shape=(2, 3, 3))
+    t = torch.arange(36.0).reshape(2, 2, 3, 3)
+    assert {"raw", "gap", "featurenorm"} <= set(reduction_names())  # featurenorm: by its detector
+    register_reduction("max_test", lambda v: v.amax(dim=2))
+    assert torch.equal(reduce_block(t, info, "max_test"), t.flatten(2).amax(dim=2))
+    with pytest.raises(ValueError, match="unknown block reduction"):
+        reduce_block(t, info, "nope")
+    with pytest.raises(ValueError, match="invalid reduction name"):
+        register_reduction("a:b", lambda v: v)

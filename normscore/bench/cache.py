@@ -35,10 +35,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__, taps
+from .. import __version__
 from ..adapters import Adapter
+from ..files import atomic_write
 from ..progress import progress_bar
-from ..taps import ALL_BLOCKS, CaptureSpec, Features, capture, view_key
+from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, capture, get_view, parse_key, view_key
 
 __all__ = ["CACHE_FORMAT", "ExtractStats", "FeatureCache", "spec_for_keys", "spec_keys"]
 
@@ -59,9 +60,9 @@ def _base_keys(spec: CaptureSpec, adapter: Adapter | None) -> set[str]:
         if n == ALL_BLOCKS:
             if adapter is None:
                 raise ValueError("a spec asking for every block needs the (resolved) adapter")
-            keys |= {f"block:{b}:{r}" for b in adapter.block_names}
+            keys |= {block_key(b, r) for b in adapter.block_names}
         else:
-            keys.add(f"block:{n}:{r}")
+            keys.add(block_key(n, r))
     if spec.input:
         keys.add("input")
     return keys
@@ -82,18 +83,16 @@ def spec_for_keys(keys: Iterable[str]) -> CaptureSpec:
     """The smallest spec producing ``keys`` (view keys bring their base key along)."""
     base: set[str] = set()
     views: set[str] = set()
-    for k in keys:
-        if "|" in k:
-            v, _, k = k.partition("|")
-            views.add(v)
-        base.add(k)
     blocks = set()
-    for k in base:
-        if k.startswith("block:"):
-            name, _, red = k[len("block:") :].rpartition(":")
-            blocks.add((name, red))
-        elif k not in ("logits", "penultimate", "input"):
-            raise ValueError(f"feature key {k!r} cannot be captured from a spec")
+    for k in keys:
+        key = parse_key(k)
+        if key.view is not None:
+            views.add(key.view)
+        base.add(key.base)
+        if key.block is not None:
+            blocks.add((key.block, key.reduction))
+        elif key.base not in ("logits", "penultimate", "input"):
+            raise ValueError(f"feature key {key.base!r} cannot be captured from a spec")
     return CaptureSpec(
         logits="logits" in base,
         penultimate="penultimate" in base,
@@ -105,8 +104,8 @@ def spec_for_keys(keys: Iterable[str]) -> CaptureSpec:
 
 def _view_versions(keys: Iterable[str]) -> dict[str, str]:
     out = {}
-    for v in sorted({k.partition("|")[0] for k in keys if "|" in k}):
-        fn = taps._VIEWS.get(v)
+    for v in sorted({view for k in keys if (view := parse_key(k).view) is not None}):
+        fn = get_view(v)
         try:
             src = inspect.getsource(fn) if fn is not None else "missing"
         except (OSError, TypeError):
@@ -120,16 +119,11 @@ def _hash(obj: Any, n: int = 24) -> str:
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
 
 
 def _atomic_torch(path: str, obj: dict[str, torch.Tensor]) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, MissingResourceError
+from ..files import atomic_write
 from ..tools.model_names import parse_model_name
 
 __all__ = [
@@ -508,10 +509,9 @@ def train_cached(
     )
     info.update(cached=False, seconds=round(time.perf_counter() - t0, 2))
     if path:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:  # a file object: the archive's inner name is fixed, so the bytes
-            torch.save({k: v.detach().cpu() for k, v in lm.model.state_dict().items()}, f)  # are reproducible
-        os.replace(tmp, path)
+        state = {k: v.detach().cpu() for k, v in lm.model.state_dict().items()}
+        # a file object: the archive's inner name is fixed, so the bytes are reproducible
+        atomic_write(path, lambda f: torch.save(state, f))
         with open(f"{path[:-3]}.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2, sort_keys=True, default=str)
         log(f"model: cached the trained checkpoint at {path}")

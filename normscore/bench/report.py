@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..files import atomic_write
 from ..metrics import METRICS as METRIC_DEFINITIONS
 from ..progress import progress_bar
 from .result import BenchResult
@@ -246,31 +247,22 @@ def _csv_text(results: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_csv(res: BenchResult, out: str) -> str:
     path = os.path.join(out, "results.csv")
-    _atomic_text(path, _csv_text(res.results))
+    atomic_write(path, _csv_text(res.results))
     return path
 
 
 def write_json(res: BenchResult, out: str) -> str:
     path = os.path.join(out, "results.json")
-    _atomic_text(path, json.dumps(res.results, indent=1) + "\n")
+    atomic_write(path, json.dumps(res.results, indent=1) + "\n")
     return path
 
 
 def write_scores(res: BenchResult, out: str) -> str:
     path = os.path.join(out, "scores.npz")
     arrays = {f"{d}/{k}": np.asarray(v, dtype=np.float32) for d, s in res.scores.items() for k, v in s.items()}
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
 
@@ -419,7 +411,7 @@ def write_outputs(res: BenchResult, out: str, *, plots: bool = True, progress: b
                 os.remove(os.path.join(pdir, f))
     write_csv(res, out)
     write_scores(res, out)
-    _atomic_text(
+    atomic_write(
         os.path.join(out, "table.txt"),
         "\n".join([*summary_lines(res.results), "", format_results(res.results), "", *footer_lines(res.results)])
         + "\n",

@@ -48,6 +48,7 @@ from ..adapters import Adapter, get_adapter
 from ..data import ImageSet, check_dataset, dataset_info, get_dataset
 from ..detectors.base import Detector, create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
+from ..files import atomic_write
 from ..metrics import METRICS, evaluate
 from ..progress import progress_bar
 from ..taps import Features
@@ -713,9 +714,7 @@ class _Run:
             s = torch.cat(parts)
             p = self._scores_path(name, params, k)
             if p:
-                tmp = f"{p}.{os.getpid()}.tmp"
-                torch.save({"scores": s}, tmp)
-                os.replace(tmp, p)
+                atomic_write(p, lambda f, s=s: torch.save({"scores": s}, f))
             out[k] = s.numpy().astype(np.float64)
             state["score_seconds"] = state.get("score_seconds", 0.0) + time.perf_counter() - t0
         return out

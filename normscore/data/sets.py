@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, MissingResourceError
+from ..files import atomic_write
 from .registry import (
     OPENCV_DATA_DIR,
     DatasetInfo,
@@ -410,10 +411,7 @@ def _fashion_mnist_c(split: str, root: str | None) -> tuple[np.ndarray, np.ndarr
         except (OSError, ValueError):
             pass  # a damaged cache file: regenerate it
     arr = _corrupt_fmnist(x, corruptions, severity)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
     return arr, y
 
 

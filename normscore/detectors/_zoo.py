@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..hashing import splitmix64
 from ..runmode import tracing
 from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
 from ..taps import Features
@@ -33,20 +34,14 @@ def sample_rows_for(dim: int, values: int = SAMPLE_VALUES) -> int:
     return max(1, values // max(1, dim))
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
+def _unit(z: np.ndarray) -> torch.Tensor:
+    """The top 53 bits of uint64 hashes as floats in ``[0, 1)``."""
+    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53))
 
 
 def hash_positions(pos: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """:func:`hash_uniform` of arbitrary (global) positions ``pos`` (int64 ``[n]``)."""
-    p = pos.detach().cpu().numpy().astype(np.uint64)
-    with np.errstate(over="ignore"):
-        z = p + np.uint64(salt) * _M2 + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53))
+    return _unit(splitmix64(pos.detach().cpu().numpy().astype(np.uint64), salt))
 
 
 def feature_positions(feats: Mapping[str, torch.Tensor], start: int) -> torch.Tensor:
@@ -65,12 +60,7 @@ def hash_uniform(start: int, n: int, salt: int = 0) -> torch.Tensor:
     SplitMix64 of the position (plus ``salt``): a deterministic function of the position only,
     so the same rows are chosen whatever the batch size.
     """
-    with np.errstate(over="ignore"):
-        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64(salt) * _M2 + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        z = z ^ (z >> np.uint64(31))
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53))
+    return _unit(splitmix64(np.arange(start, start + n, dtype=np.uint64), salt))
 
 
 class RowSample:

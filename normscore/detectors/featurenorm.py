@@ -9,7 +9,7 @@ import torch
 
 from ..errors import AdapterError, ConfigError, InputError, NotFittedError
 from ..stats import all_reduce_sum
-from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, view_key
+from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, parse_key, register_reduction, view_key
 from .base import Constraint, Detector, Interval, OneOf, register
 from .engines.jigsaw import jigsaw_view
 
@@ -17,6 +17,15 @@ __all__ = ["FeatureNorm"]
 
 _RED = "featurenorm"
 _EPS = 1e-12
+
+
+def feature_norm(v: torch.Tensor) -> torch.Tensor:
+    """FeatureNorm of a block output seen as ``[B, C, S]``: the mean over channels of the L2 norm
+    over positions of ``ReLU(A_c)``, ``[B]`` (the block reduction ``"featurenorm"``)."""
+    return torch.relu(v).norm(dim=2).mean(dim=1)
+
+
+register_reduction(_RED, feature_norm)
 
 
 class _OptionalName(Constraint):
@@ -107,8 +116,9 @@ class FeatureNorm(Detector):
         view = self.view_name
         present = []
         for k in feats:
-            if k.startswith("block:") and k.endswith(":" + _RED) and view_key(view, k) in feats:
-                present.append(k[len("block:") : -len(_RED) - 1])
+            key = parse_key(k)
+            if key.view is None and key.block is not None and key.reduction == _RED and view_key(view, k) in feats:
+                present.append(key.block)
         adapter = self._fit_adapter
         if adapter is not None and adapter.resolved:
             order = adapter.block_names

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..adapters import get_adapter, model_output_tensor
 from ..errors import ConfigError, FormatError, InputError
+from ..files import atomic_write
 from ..progress import progress_bar
 from .bn import make_bn_non_affine
 from .losses import (
@@ -63,6 +64,7 @@ __all__ = [
     "METHODS",
     "FinetuneConfig",
     "FinetuneResult",
+    "Method",
     "augment_batch",
     "finetune",
     "load_finetuned",
@@ -71,14 +73,26 @@ __all__ = [
     "read_run",
 ]
 
-#: method -> (logit-adjusted CE, OE term, OOD rows in the batch, RNA term, PFS feature terms)
-METHODS: dict[str, tuple[bool, bool, bool, bool, bool]] = {
-    "ce": (False, False, False, False, False),
-    "la_ce": (True, False, False, False, False),
-    "ce_oe": (False, True, True, False, False),
-    "la_ce_oe": (True, True, True, False, False),
-    "rna": (True, False, True, True, False),
-    "separation": (False, True, True, False, True),
+
+@dataclass(frozen=True)
+class Method:
+    """Which loss terms and batch rows a training method uses."""
+
+    logit_adjusted: bool = False  # logit-adjusted cross-entropy (else plain CE)
+    outlier_exposure: bool = False  # the OE term on auxiliary OOD rows
+    ood_rows: bool = False  # auxiliary OOD rows in the batch
+    rna: bool = False  # the RNA term
+    feature_terms: bool = False  # PFS's separation/clustering feature terms
+
+
+#: method name -> the terms it uses
+METHODS: dict[str, Method] = {
+    "ce": Method(),
+    "la_ce": Method(logit_adjusted=True),
+    "ce_oe": Method(outlier_exposure=True, ood_rows=True),
+    "la_ce_oe": Method(logit_adjusted=True, outlier_exposure=True, ood_rows=True),
+    "rna": Method(logit_adjusted=True, ood_rows=True, rna=True),
+    "separation": Method(outlier_exposure=True, ood_rows=True, feature_terms=True),
 }
 
 CHECKPOINT_FORMAT = "normscore-finetune-checkpoint"
@@ -156,23 +170,23 @@ class FinetuneConfig:
     # ------------------------------------------------------------------ what the method uses
     @property
     def uses_la(self) -> bool:
-        return METHODS[self.method][0]
+        return METHODS[self.method].logit_adjusted
 
     @property
     def uses_oe(self) -> bool:
-        return METHODS[self.method][1]
+        return METHODS[self.method].outlier_exposure
 
     @property
     def uses_ood(self) -> bool:
-        return METHODS[self.method][2]
+        return METHODS[self.method].ood_rows
 
     @property
     def uses_rna(self) -> bool:
-        return METHODS[self.method][3]
+        return METHODS[self.method].rna
 
     @property
     def uses_features(self) -> bool:
-        return METHODS[self.method][4]
+        return METHODS[self.method].feature_terms
 
     @property
     def start_epoch_features(self) -> int:
@@ -333,16 +347,11 @@ def _as_tensors(data: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _atomic_save(obj: object, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_json(obj: object, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------

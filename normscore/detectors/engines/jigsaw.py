@@ -30,18 +30,12 @@ from __future__ import annotations
 
 import torch
 
+from ...hashing import splitmix64
 from ...taps import register_view
 
 __all__ = ["jigsaw", "jigsaw_permutations", "jigsaw_view"]
 
 _MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 def jigsaw_permutations(index: torch.Tensor, grid: int = 3, seed: int = 0) -> torch.Tensor:
@@ -56,9 +50,9 @@ def jigsaw_permutations(index: torch.Tensor, grid: int = 3, seed: int = 0) -> to
     out = torch.empty(len(index), n, dtype=torch.long)
     ident = torch.arange(n)
     g = torch.Generator()
-    base = _splitmix64(int(seed) & _MASK64)
+    base = int(splitmix64(int(seed) & _MASK64))
     for r, i in enumerate(index.detach().cpu().tolist()):
-        g.manual_seed(_splitmix64(base ^ (int(i) & _MASK64)) >> 1)
+        g.manual_seed(int(splitmix64(base ^ (int(i) & _MASK64))) >> 1)
         p = torch.randperm(n, generator=g)
         if torch.equal(p, ident):
             p = torch.roll(p, 1)
