@@ -6,8 +6,9 @@ import contextlib
 
 import torch
 
-from normscore.detectors import base
-from normscore.detectors.base import Detector, register
+from normscore.detectors import registry
+from normscore.detectors.base import Detector
+from normscore.detectors.registry import register
 from normscore.models import small_cnn
 from normscore.taps import CaptureSpec, Features
 
@@ -47,7 +48,7 @@ def live_detector_registered():
     try:
         yield LiveMaxLogit
     finally:
-        base._REGISTRY.pop(LIVE_NAME, None)
+        registry._REGISTRY.pop(LIVE_NAME, None)
 
 
 def save_checkpoint(path: str, seed: int = 0) -> str:

@@ -46,7 +46,8 @@ import torch
 from .. import __version__
 from ..adapters import Adapter, get_adapter
 from ..data import ImageSet, check_dataset, dataset_info, get_dataset
-from ..detectors.base import Detector, create, detector_class, list_detectors
+from ..detectors.base import Detector
+from ..detectors.registry import create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
 from ..metrics import METRICS, evaluate
 from ..progress import progress_bar

@@ -11,7 +11,10 @@ from torch import nn
 from ..adapters import Adapter
 from ..errors import ConfigError
 from ..taps import CaptureSpec, Features
-from .base import Constraint, Detector, Interval, OneOf, create, fit_detectors, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
+from .fitting import fit_detectors
+from .registry import create, register
 
 
 class _Members(Constraint):

@@ -14,7 +14,8 @@ from ..errors import ConfigError, InputError, NotFittedError
 from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
 from ..stream import Batch, FitStream
 from ..taps import CaptureSpec, Features, capture
-from .base import Constraint, Detector, Interval, OneOf, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
 from .engines.knn import KNNBank
 from .engines.persample import (
     ExactGradients,
@@ -27,6 +28,7 @@ from .engines.persample import (
     resolve_layers,
     slots_from_names,
 )
+from .registry import register
 
 __all__ = ["LDG", "GradNorm"]
 
