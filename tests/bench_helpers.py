@@ -31,7 +31,7 @@ class LiveMaxLogit(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True)
 
-    def _fit(self, stream, calib_store, calib_spec) -> None:
+    def _fit(self, stream) -> None:
         total, n = 0.0, 0
         for feats in stream.features(CaptureSpec(logits=True)):
             total += float(feats["logits"].amax(1).sum())

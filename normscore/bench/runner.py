@@ -605,9 +605,9 @@ class _Run:
     def _mode(self, det: Detector) -> tuple[str, str]:
         if not det.feature_only:
             return "live", "feature_only=False (needs the model at score time)"
-        if det.needs_fit:
-            if type(det)._fit is not Detector._fit:
-                return "live", "several fit passes"
+        if det.fit_mode == "multi_pass":
+            return "live", "several fit passes"
+        if det.fit_mode == "single_pass":
             fs = det.capture_spec(self.adapter, "fit")
             if fs is not None and fs.backward is not None:
                 return "live", "gradients during fit"

@@ -5,7 +5,7 @@ A detector is written as three small pieces:
 * ``capture_spec(adapter, stage)`` - which features it needs (``stage`` is ``"fit"``,
   ``"score"`` or ``"calibrate"``);
 * ``_fit_begin`` / ``_fit_update(features)`` / ``_fit_end`` - streamed statistics (or, for
-  detectors with several passes, ``_fit(stream)``);
+  detectors with several passes, ``_fit(stream)``); :attr:`Detector.fit_mode` says which;
 * ``score_features(features) -> [B]`` - the score, **higher = more in-distribution**.
 
 ``fit(model, loader)``, ``score(x)``, ``predict(x)``, ``state_dict()`` and ``save()`` are written
@@ -38,7 +38,10 @@ from .constraints import Constraint
 from .decision import Decision
 from .fitting import fit_detectors
 
-__all__ = ["Detector"]
+__all__ = ["FIT_MODES", "Detector"]
+
+#: how a detector fits; see :attr:`Detector.fit_mode`
+FIT_MODES = ("none", "single_pass", "multi_pass")
 
 D = TypeVar("D", bound="Detector")
 
@@ -103,14 +106,22 @@ class Detector(metaclass=_DetectorMeta):
     #: state (or, for detectors without statistics, the live head) fixes: features of another
     #: shape are refused before ``score_features`` runs
     shape_bound: ClassVar[frozenset[str]] = frozenset({"logits", "penultimate", "blocks"})
+    #: how the detector fits (one of :data:`FIT_MODES`): ``"none"`` (no statistics; ``fit`` only
+    #: calibrates the threshold), ``"single_pass"`` (streamed ``_fit_begin/_fit_update/_fit_end``
+    #: over the pass shared with other detectors) or ``"multi_pass"`` (its own passes over the
+    #: fit stream: overrides ``_fit(stream)``). Worked out from the class when not declared; a
+    #: declaration that contradicts the class fails when the class is defined.
+    fit_mode: ClassVar[str] = "none"
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._adapter: Adapter | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every ``score_features`` a subclass defines checks the feature shapes first."""
+        """Every subclass gets its :attr:`fit_mode` (checked against what it implements), and
+        every ``score_features`` a subclass defines checks the feature shapes first."""
         super().__init_subclass__(**kwargs)
+        cls.fit_mode = cls._implemented_fit_mode()
         fn = cls.__dict__.get("score_features")
         if fn is None or getattr(fn, "_checks_shapes", False):
             return
@@ -176,19 +187,45 @@ class Detector(metaclass=_DetectorMeta):
     def _fit_end(self) -> None:
         """Finish the fit (solve, select, build indices)."""
 
-    def _fit(self, stream: FitStream, calib_store: list[Features] | None, calib_spec: CaptureSpec | None) -> None:
-        """Default single-pass fit over ``stream``. Multi-pass detectors override this."""
-        self._fit_begin(stream.adapter)
-        spec = self.capture_spec(stream.adapter, "fit")
-        for feats in stream.features(spec, calib_spec=calib_spec, calib_store=calib_store):
+    def _fit(self, stream: FitStream) -> Features | None:
+        """Fit over ``stream`` in passes of the detector's own; ``"multi_pass"`` detectors
+        override this. Returns the held-out calibration samples' features captured with the
+        score spec when the fit has them anyway (``None``: the caller captures them in one
+        extra pass over the held-out samples after the fit), so calibrating the threshold stays
+        with :func:`~normscore.detectors.fitting.fit_detectors`.
+
+        This default runs the streamed fit in a pass of its own (for a ``"single_pass"``
+        detector whose fit features need a backward pass, so it cannot share the forward
+        pass); the held-out features of ``capture_spec("calibrate")`` come from the same pass.
+        """
+        adapter = stream.adapter
+        calib_spec = self.capture_spec(adapter, "calibrate") if stream.stride > 0 else None
+        store: list[Features] = []
+        self._fit_begin(adapter)
+        spec = self.capture_spec(adapter, "fit")
+        for feats in stream.features(
+            spec, calib_spec=calib_spec, calib_store=store if calib_spec is not None else None
+        ):
             self._check_labels(feats)
             self._fit_update(feats)
         self._fit_end()
+        return Features.cat(store) if calib_spec is not None else None
 
     @classmethod
-    def _has_own_passes(cls) -> bool:
-        """Whether the class runs its own passes over the stream (overrides :meth:`_fit`)."""
-        return cls._fit is not Detector._fit
+    def _implemented_fit_mode(cls) -> str:
+        """The fit mode the class implements; a declared ``fit_mode`` must be this one."""
+        own_passes = cls._fit is not Detector._fit
+        if own_passes and not cls.needs_fit:
+            raise TypeError(f"{cls.__name__} overrides _fit but declares needs_fit = False; set needs_fit = True.")
+        mode = "multi_pass" if own_passes else "single_pass" if cls.needs_fit else "none"
+        declared = cls.__dict__.get("fit_mode")
+        if declared is not None and declared != mode:
+            raise TypeError(
+                f"{cls.__name__} declares fit_mode = {declared!r} but implements {mode!r} "
+                f"({'overrides' if own_passes else 'does not override'} _fit, needs_fit = {cls.needs_fit}); "
+                f"the fit modes are {list(FIT_MODES)}."
+            )
+        return mode
 
     def score_features(self, feats: Features) -> torch.Tensor:
         """Score captured features: float tensor ``[B]``, higher = more in-distribution."""

@@ -23,9 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["fit_detectors"]
 
 
-def _is_single_pass(det: Detector) -> bool:
-    """True when the detector uses the default streamed fit without a backward pass."""
-    if det._has_own_passes():
+def _shares_the_pass(det: Detector) -> bool:
+    """True for a ``"single_pass"`` detector whose fit features need no backward pass (one that
+    does runs its streamed fit in a pass of its own: ``Detector._fit``)."""
+    if det.fit_mode != "single_pass":
         return False
     spec = det.capture_spec(det.adapter, "fit")
     return spec is None or spec.backward is None
@@ -66,11 +67,13 @@ def fit_detectors(
 ) -> None:
     """Fit ``dets`` (already attached to one model) sharing model passes.
 
-    Single-pass detectors and detectors without statistics share **one** pass: the union of
-    their capture specs is captured once per batch. Each fit detector sees the fit split and
-    its calibration features are kept from the same pass; detectors without statistics
-    calibrate on every sample. Multi-pass detectors (e.g. gradient subspaces) then run their
-    own passes over ``stream``.
+    Detectors are grouped by their :attr:`~normscore.detectors.base.Detector.fit_mode`.
+    ``"single_pass"`` detectors and detectors without statistics (``"none"``) share **one**
+    pass: the union of their capture specs is captured once per batch. Each fit detector sees
+    the fit split and its calibration features are kept from the same pass; detectors without
+    statistics calibrate on every sample. ``"multi_pass"`` detectors (e.g. gradient subspaces)
+    then run their own passes over ``stream`` (``_fit(stream)``). The thresholds of every mode
+    are calibrated here, on the held-out samples' scores.
 
     With ``feature_batches`` (cached features, e.g. from ``normscore-bench``) instead of a
     stream, the same split is applied to the rows of the cached batches in order; only
@@ -94,9 +97,9 @@ def fit_detectors(
     for d in dets:
         d._reset_fitted()
     calibrating = stride > 0
-    fitfree = [d for d in dets if not d.needs_fit]
-    single = [d for d in dets if d.needs_fit and _is_single_pass(d)]
-    multi = [d for d in dets if d.needs_fit and d not in single]
+    fitfree = [d for d in dets if d.fit_mode == "none"]
+    single = [d for d in dets if _shares_the_pass(d)]
+    multi = [d for d in dets if d.fit_mode != "none" and d not in single]
     if stream is None:
         bad = [d.name for d in multi + single + fitfree if not d.feature_only] + [d.name for d in multi]
         if bad:
@@ -166,20 +169,19 @@ def fit_detectors(
             d._fit_end()
         _warn_empty_classes(per_class, class_counts, adapter.num_classes)
 
+    held: dict[int, Features | None] = {}  # held-out features a multi-pass fit captured anyway
     for d in multi:
         assert stream is not None
-        cs = d.capture_spec(adapter, "calibrate") if calibrating else None
-        store: list[Features] = []
-        d._fit(stream, store if cs is not None else None, cs)
-        calib_specs[id(d)] = cs
-        calib_parts[id(d)] = store
+        held[id(d)] = d._fit(stream)
 
     for d in single + multi:
         if not calibrating:
             continue
-        if calib_specs[id(d)] is not None:
-            calib = Features.cat(calib_parts[id(d)])
+        if id(d) in held:
+            calib = held[id(d)]
         else:
+            calib = Features.cat(calib_parts[id(d)]) if calib_specs[id(d)] is not None else None
+        if calib is None:
             if stream is None:
                 raise ConfigError(f"{d.name} cannot calibrate from cached features; use fit(model, loader).")
             spec = d.capture_spec(adapter, "score")

@@ -333,6 +333,7 @@ class LDG(Detector):
     paper = "Wu et al., TPAMI 2024, arXiv:2310.17163"
     formula = "KNN on G_low = ((grad_theta logsumexp(z) - mu)/sigma)^T V, V = top-K PCs of ID gradients"
     needs_fit = True
+    fit_mode = "multi_pass"  # pass 1: gradient statistics; then the ID bank of projections
     needs_gradients = True
     feature_only = False
     constraints = {
@@ -430,7 +431,7 @@ class LDG(Detector):
     def fit_needs_labels(self) -> bool:
         return self.scoring in ("probe_msp", "probe_energy") or self.subspace == "class_mean"
 
-    def _fit(self, stream: FitStream, calib_store, calib_spec) -> None:
+    def _fit(self, stream: FitStream) -> None:  # None: the base calibrates in one extra pass
         self._clear_cache()
         adapter = stream.adapter
         dev = next(iter(adapter.model.parameters()), torch.empty(0)).device
