@@ -6,8 +6,9 @@ import contextlib
 
 import torch
 
-from normscore.detectors import base
-from normscore.detectors.base import Detector, register
+from normscore.detectors import registry
+from normscore.detectors.base import Detector
+from normscore.detectors.registry import register
 from normscore.models import small_cnn
 from normscore.taps import CaptureSpec, Features
 
@@ -30,7 +31,7 @@ class LiveMaxLogit(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True)
 
-    def _fit(self, stream, calib_store, calib_spec) -> None:
+    def _fit(self, stream) -> None:
         total, n = 0.0, 0
         for feats in stream.features(CaptureSpec(logits=True)):
             total += float(feats["logits"].amax(1).sum())
@@ -47,7 +48,7 @@ def live_detector_registered():
     try:
         yield LiveMaxLogit
     finally:
-        base._REGISTRY.pop(LIVE_NAME, None)
+        registry._REGISTRY.pop(LIVE_NAME, None)
 
 
 def save_checkpoint(path: str, seed: int = 0) -> str:

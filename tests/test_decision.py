@@ -13,7 +13,7 @@ from torch import nn
 
 import normscore
 from normscore import io as nio
-from normscore.detectors.base import Decision, held_out_needed
+from normscore.detectors.decision import Decision, held_out_needed
 from normscore.errors import CalibrationWarning
 
 

@@ -199,3 +199,82 @@ def test_save_load_roundtrip_is_bitwise(tmp_path, resnet):
     ds2 = normscore.load(tmp_path / "set.ns", model=resnet)
     a, b = ds.score(x), ds2.score(x)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fit_mode_is_declared_once_and_matches_the_class():
+    """Each detector's fit mode: ``none`` without statistics, ``multi_pass`` for its own passes
+    (LDG, fusion), else ``single_pass``; bench and fit_detectors ask it, nothing introspects."""
+    from normscore.detectors.base import FIT_MODES, Detector
+
+    modes = {n: normscore.detector_class(n).fit_mode for n in normscore.list_detectors()}
+    assert set(modes.values()) == set(FIT_MODES)
+    assert {n for n, m in modes.items() if m == "multi_pass"} == {"ldg", "fusion"}
+    for n, m in modes.items():
+        assert (m == "none") == (not normscore.detector_class(n).needs_fit), n
+
+    class OwnPasses(Detector):  # undeclared: worked out from what the class implements
+        needs_fit = True
+
+        def _fit(self, stream):
+            return None
+
+    assert OwnPasses.fit_mode == "multi_pass"
+    with pytest.raises(TypeError, match="declares fit_mode = 'single_pass' but implements 'multi_pass'"):
+
+        class Wrong(Detector):
+            needs_fit = True
+            fit_mode = "single_pass"
+
+            def _fit(self, stream):
+                return None
+
+    with pytest.raises(TypeError, match="declares fit_mode = 'multi_pass' but implements 'none'"):
+
+        class Wrong2(Detector):
+            fit_mode = "multi_pass"
+
+    with pytest.raises(TypeError, match="overrides _fit but declares needs_fit = False"):
+
+        class Wrong3(Detector):
+            def _fit(self, stream):
+                return None
+
+
+def test_a_single_pass_fit_that_needs_gradients_runs_its_own_pass_and_is_calibrated(tiny_model):
+    """A ``single_pass`` detector whose fit features need a backward pass cannot share the
+    forward pass: it runs its streamed fit alone (``Detector._fit``), keeps the held-out
+    features of that pass and gets the threshold of its held-out scores."""
+    from normscore.detectors.base import Detector
+    from normscore.taps import BackwardSpec, CaptureSpec
+
+    class GradMean(Detector):
+        name = "grad_mean_test"
+        needs_fit = True
+
+        def capture_spec(self, adapter, stage):
+            if stage == "fit":
+                return CaptureSpec(logits=True, backward=BackwardSpec(lambda z: z.logsumexp(1), input_grad=True))
+            return CaptureSpec(logits=True)
+
+        def _fit_begin(self, adapter):
+            self._total, self._n = 0.0, 0
+
+        def _fit_update(self, feats):
+            self._total += float(feats["input_grad"].abs().sum())
+            self._n += feats.batch_size
+
+        def _fit_end(self):
+            self.scale_ = self._total / self._n
+
+        def score_features(self, feats):
+            return feats["logits"].float().amax(1) * self.scale_
+
+    assert GradMean.fit_mode == "single_pass"
+    loader = make_loader(n=100, batch=16)
+    det = GradMean().fit(tiny_model, loader, calibration=0.2)
+    xs = torch.cat([b[0] for b in loader])
+    held = xs[4::5]  # sample i is held out iff i % 5 == 4
+    d = det.decision
+    assert d.n == 20 and det.n_fit_samples_ == 100
+    ref = normscore.Decision.calibrate(det.score(held), 0.95, warn=False)
+    assert d.threshold == pytest.approx(ref.threshold, rel=1e-5) and d.achieved_tpr == ref.achieved_tpr

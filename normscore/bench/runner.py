@@ -46,7 +46,8 @@ import torch
 from .. import __version__
 from ..adapters import Adapter, get_adapter
 from ..data import ImageSet, check_dataset, dataset_info, get_dataset
-from ..detectors.base import Detector, create, detector_class, list_detectors
+from ..detectors.base import Detector
+from ..detectors.registry import create, detector_class, list_detectors
 from ..errors import CalibrationWarning, ConfigError, MissingResourceError
 from ..files import atomic_write
 from ..metrics import METRICS, evaluate
@@ -605,9 +606,9 @@ class _Run:
     def _mode(self, det: Detector) -> tuple[str, str]:
         if not det.feature_only:
             return "live", "feature_only=False (needs the model at score time)"
-        if det.needs_fit:
-            if type(det)._fit is not Detector._fit:
-                return "live", "several fit passes"
+        if det.fit_mode == "multi_pass":
+            return "live", "several fit passes"
+        if det.fit_mode == "single_pass":
             fs = det.capture_spec(self.adapter, "fit")
             if fs is not None and fs.backward is not None:
                 return "live", "gradients during fit"

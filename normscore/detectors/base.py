@@ -1,214 +1,49 @@
-"""The detector base class, hyperparameter checks, decisions and the registry.
+"""The detector base class.
 
 A detector is written as three small pieces:
 
 * ``capture_spec(adapter, stage)`` - which features it needs (``stage`` is ``"fit"``,
   ``"score"`` or ``"calibrate"``);
 * ``_fit_begin`` / ``_fit_update(features)`` / ``_fit_end`` - streamed statistics (or, for
-  detectors with several passes, ``_fit(stream)``);
+  detectors with several passes, ``_fit(stream)``); :attr:`Detector.fit_mode` says which;
 * ``score_features(features) -> [B]`` - the score, **higher = more in-distribution**.
 
 ``fit(model, loader)``, ``score(x)``, ``predict(x)``, ``state_dict()`` and ``save()`` are written
-once here and drive the taps.
+once here and drive the taps. Around it: :mod:`.constraints` (hyperparameter checks),
+:mod:`.decision` (the calibrated threshold), :mod:`.registry` (names -> classes) and
+:mod:`.fitting` (``fit_detectors``, the shared fit pass).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..adapters import Adapter, get_adapter
-from ..errors import (
-    CalibrationWarning,
-    ConfigError,
-    InputError,
-    ModelMismatchError,
-    NormscoreError,
-    NotFittedError,
-    did_you_mean,
-)
+from ..errors import ConfigError, InputError, ModelMismatchError, NormscoreError, NotFittedError, did_you_mean
 from ..fingerprint import ModelFingerprint, mismatch_message
 from ..io import write_state
 from ..runmode import model_device, model_dtype
 from ..runmode import tracing as _tracing
-from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
 from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, spec_keys
 from ._zoo import LazyCache
+from .constraints import Constraint
+from .decision import Decision
+from .fitting import fit_detectors
 
-__all__ = [
-    "Decision",
-    "Detector",
-    "Interval",
-    "OneOf",
-    "create",
-    "detector_class",
-    "detector_info",
-    "list_detectors",
-    "register",
-]
+__all__ = ["FIT_MODES", "Detector"]
+
+#: how a detector fits; see :attr:`Detector.fit_mode`
+FIT_MODES = ("none", "single_pass", "multi_pass")
 
 D = TypeVar("D", bound="Detector")
-
-
-# ---------------------------------------------------------------------------------------------
-# hyperparameter constraints
-
-
-class Constraint:
-    def check(self, name: str, value: Any) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class Interval(Constraint):
-    """A real (or integer) in ``[low, high]`` with optional open ends."""
-
-    low: float = -math.inf
-    high: float = math.inf
-    closed: str = "both"  # "both", "left", "right", "neither"
-    integer: bool = False
-    allow_none: bool = False
-
-    def check(self, name: str, value: Any) -> None:
-        if value is None and self.allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            kind = "an integer" if self.integer else "a number"
-            raise ConfigError(f"hyperparameter {name}={value!r} must be {kind}.")
-        if self.integer and not float(value).is_integer():
-            raise ConfigError(f"hyperparameter {name}={value!r} must be an integer.")
-        lo_ok = value >= self.low if self.closed in ("both", "left") else value > self.low
-        hi_ok = value <= self.high if self.closed in ("both", "right") else value < self.high
-        if math.isnan(float(value)) or not (lo_ok and hi_ok):
-            lb = "[" if self.closed in ("both", "left") else "("
-            rb = "]" if self.closed in ("both", "right") else ")"
-            raise ConfigError(
-                f"hyperparameter {name}={value!r} is out of range; it must be in {lb}{self.low}, {self.high}{rb}."
-            )
-
-
-@dataclass(frozen=True)
-class OneOf(Constraint):
-    values: tuple
-
-    def check(self, name: str, value: Any) -> None:
-        if value not in self.values:
-            raise ConfigError(
-                f"hyperparameter {name}={value!r} is not allowed; choose one of {list(self.values)}."
-                + did_you_mean(str(value), [str(v) for v in self.values])
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# decisions
-
-
-#: confidence level of :attr:`Decision.tpr_interval`
-TPR_CONFIDENCE = 0.95
-
-
-def tpr_interval(k: int, n: int, confidence: float = TPR_CONFIDENCE) -> tuple[float, float]:
-    """Clopper-Pearson (exact binomial) interval of a rate from ``k`` successes in ``n`` trials."""
-    from scipy.special import betaincinv  # the beta distribution's quantile function
-
-    a = (1.0 - confidence) / 2.0
-    lo = float(betaincinv(k, n - k + 1, a)) if k > 0 else 0.0
-    hi = float(betaincinv(k + 1, n - k, 1.0 - a)) if k < n else 1.0
-    return lo, hi
-
-
-def _tpr_floor(tpr: float) -> float:
-    """The lowest acceptable lower bound of the achieved TPR: the ID rejection rate ``1 - tpr``
-    may be at most doubled (at least 1 point of slack, for ``tpr`` near 1)."""
-    return tpr - max(1.0 - tpr, 0.01)
-
-
-@functools.lru_cache(maxsize=64)
-def held_out_needed(tpr: float, confidence: float = TPR_CONFIDENCE, limit: int = 20_000) -> int:
-    """Held-out size from which on the interval's lower end stays above the floor
-    (``tpr - max(1 - tpr, 0.01)``) when ``ceil(tpr * n)`` samples are accepted."""
-    from scipy.special import betaincinv
-
-    n = np.arange(1, limit + 1)
-    k = np.minimum(n, np.ceil(tpr * n - 1e-9))
-    lo = np.where(k > 0, betaincinv(np.maximum(k, 1), n - k + 1, (1.0 - confidence) / 2.0), 0.0)
-    bad = np.flatnonzero(lo < _tpr_floor(tpr))
-    return int(n[bad[-1]] + 1) if bad.size else 1
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A calibrated OOD decision: ``score < threshold`` means OOD.
-
-    ``threshold`` accepts (scores >=) at least ``tpr`` of the ``n`` held-out ID samples it was
-    calibrated on; ``achieved_tpr`` is the exact share accepted there. ``tpr_low`` and
-    ``tpr_high`` bound the share of *new* ID data the threshold accepts: the 95% Clopper-Pearson
-    interval of ``achieved_tpr`` over ``n`` samples (wide for small ``n``; computed on load for
-    files saved before it was stored).
-    """
-
-    threshold: float
-    tpr: float
-    n: int
-    achieved_tpr: float
-    tpr_low: float | None = None
-    tpr_high: float | None = None
-
-    def __post_init__(self) -> None:
-        if (self.tpr_low is None or self.tpr_high is None) and self.n > 0:
-            lo, hi = tpr_interval(round(self.achieved_tpr * self.n), self.n)
-            object.__setattr__(self, "tpr_low", lo)
-            object.__setattr__(self, "tpr_high", hi)
-
-    @staticmethod
-    def calibrate(id_scores: torch.Tensor, tpr: float = 0.95, *, warn: bool = True) -> Decision:
-        """The threshold keeping ``tpr`` of ``id_scores``; warns (:class:`CalibrationWarning`)
-        when the held-out set is too small for it: when the share of new ID data it rejects may
-        be more than twice ``1 - tpr`` at 95% confidence (for ``tpr = 0.95``: fewer than about
-        140 samples; :func:`held_out_needed`)."""
-        if not 0.0 < tpr <= 1.0:
-            raise ConfigError(f"tpr must be in (0, 1], got {tpr}.")
-        s = id_scores.detach().double().flatten().cpu()
-        if s.numel() == 0:
-            raise InputError("no calibration scores; cannot calibrate a threshold.")
-        if not bool(torch.isfinite(s).all()):
-            raise InputError("calibration scores contain NaN/Inf; cannot calibrate a threshold.")
-        srt, _ = torch.sort(s)
-        n = srt.numel()
-        k = math.floor((1.0 - tpr) * n + 1e-9)
-        k = min(max(k, 0), n - 1)
-        thr = float(srt[k])
-        achieved = float((s >= thr).double().mean())
-        d = Decision(threshold=thr, tpr=float(tpr), n=int(n), achieved_tpr=achieved)
-        if warn and d.tpr_low is not None and d.tpr_low < _tpr_floor(tpr):
-            warnings.warn(
-                f"the predict threshold was calibrated on only {n} held-out ID samples: at 95% "
-                f"confidence it accepts between {100 * d.tpr_low:.1f}% and {100 * (d.tpr_high or 1):.1f}% "
-                f"of new ID data (target {100 * tpr:g}%). For a reliable threshold use at least "
-                f"{held_out_needed(tpr)} held-out samples: fit on more data (calibration= sets the "
-                "held-out share) or det.calibrate(held_out_id_loader). The interval is in "
-                "det.decision.tpr_low / tpr_high.",
-                CalibrationWarning,
-                stacklevel=2,
-            )
-        return d
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# the base class
 
 
 class _DetectorMeta(type):
@@ -271,14 +106,22 @@ class Detector(metaclass=_DetectorMeta):
     #: state (or, for detectors without statistics, the live head) fixes: features of another
     #: shape are refused before ``score_features`` runs
     shape_bound: ClassVar[frozenset[str]] = frozenset({"logits", "penultimate", "blocks"})
+    #: how the detector fits (one of :data:`FIT_MODES`): ``"none"`` (no statistics; ``fit`` only
+    #: calibrates the threshold), ``"single_pass"`` (streamed ``_fit_begin/_fit_update/_fit_end``
+    #: over the pass shared with other detectors) or ``"multi_pass"`` (its own passes over the
+    #: fit stream: overrides ``_fit(stream)``). Worked out from the class when not declared; a
+    #: declaration that contradicts the class fails when the class is defined.
+    fit_mode: ClassVar[str] = "none"
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._adapter: Adapter | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every ``score_features`` a subclass defines checks the feature shapes first."""
+        """Every subclass gets its :attr:`fit_mode` (checked against what it implements), and
+        every ``score_features`` a subclass defines checks the feature shapes first."""
         super().__init_subclass__(**kwargs)
+        cls.fit_mode = cls._implemented_fit_mode()
         fn = cls.__dict__.get("score_features")
         if fn is None or getattr(fn, "_checks_shapes", False):
             return
@@ -344,14 +187,45 @@ class Detector(metaclass=_DetectorMeta):
     def _fit_end(self) -> None:
         """Finish the fit (solve, select, build indices)."""
 
-    def _fit(self, stream: FitStream, calib_store: list[Features] | None, calib_spec: CaptureSpec | None) -> None:
-        """Default single-pass fit over ``stream``. Multi-pass detectors override this."""
-        self._fit_begin(stream.adapter)
-        spec = self.capture_spec(stream.adapter, "fit")
-        for feats in stream.features(spec, calib_spec=calib_spec, calib_store=calib_store):
+    def _fit(self, stream: FitStream) -> Features | None:
+        """Fit over ``stream`` in passes of the detector's own; ``"multi_pass"`` detectors
+        override this. Returns the held-out calibration samples' features captured with the
+        score spec when the fit has them anyway (``None``: the caller captures them in one
+        extra pass over the held-out samples after the fit), so calibrating the threshold stays
+        with :func:`~normscore.detectors.fitting.fit_detectors`.
+
+        This default runs the streamed fit in a pass of its own (for a ``"single_pass"``
+        detector whose fit features need a backward pass, so it cannot share the forward
+        pass); the held-out features of ``capture_spec("calibrate")`` come from the same pass.
+        """
+        adapter = stream.adapter
+        calib_spec = self.capture_spec(adapter, "calibrate") if stream.stride > 0 else None
+        store: list[Features] = []
+        self._fit_begin(adapter)
+        spec = self.capture_spec(adapter, "fit")
+        for feats in stream.features(
+            spec, calib_spec=calib_spec, calib_store=store if calib_spec is not None else None
+        ):
             self._check_labels(feats)
             self._fit_update(feats)
         self._fit_end()
+        return Features.cat(store) if calib_spec is not None else None
+
+    @classmethod
+    def _implemented_fit_mode(cls) -> str:
+        """The fit mode the class implements; a declared ``fit_mode`` must be this one."""
+        own_passes = cls._fit is not Detector._fit
+        if own_passes and not cls.needs_fit:
+            raise TypeError(f"{cls.__name__} overrides _fit but declares needs_fit = False; set needs_fit = True.")
+        mode = "multi_pass" if own_passes else "single_pass" if cls.needs_fit else "none"
+        declared = cls.__dict__.get("fit_mode")
+        if declared is not None and declared != mode:
+            raise TypeError(
+                f"{cls.__name__} declares fit_mode = {declared!r} but implements {mode!r} "
+                f"({'overrides' if own_passes else 'does not override'} _fit, needs_fit = {cls.needs_fit}); "
+                f"the fit modes are {list(FIT_MODES)}."
+            )
+        return mode
 
     def score_features(self, feats: Features) -> torch.Tensor:
         """Score captured features: float tensor ``[B]``, higher = more in-distribution."""
@@ -700,243 +574,3 @@ class Detector(metaclass=_DetectorMeta):
             "hyperparameters": {p.name: p.default for p in sig.parameters.values() if p.name != "self"},
             "search_space": dict(cls.search_space),
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# registry
-
-_REGISTRY: dict[str, type[Detector]] = {}
-
-
-def register(cls: type[D]) -> type[D]:
-    """Class decorator: add a detector class to the registry under ``cls.name``."""
-    name = cls.name
-    if not name or name != name.lower() or not name.replace("_", "").isalnum():
-        raise ValueError(f"detector name {name!r} must be lower-case snake case")
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-        raise ValueError(f"detector name {name!r} is already registered")
-    for p in cls.search_space:
-        if p not in cls.hyperparameter_names():
-            raise ValueError(f"{name}: search space key {p!r} is not a hyperparameter")
-    _REGISTRY[name] = cls
-    return cls
-
-
-def detector_class(name: str) -> type[Detector]:
-    _ensure_loaded()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown detector {name!r}.{did_you_mean(name, _REGISTRY)} Available: {', '.join(sorted(_REGISTRY))}."
-        ) from None
-
-
-def create(name: str, **hyperparameters: Any) -> Detector:
-    """Create a registered detector by name, e.g. ``create("energy", temperature=2.0)``."""
-    if not isinstance(name, str):
-        raise ConfigError(f"detector name must be a string, got {type(name).__name__}.")
-    return detector_class(name)(**hyperparameters)
-
-
-def list_detectors(*, needs_labels: bool | None = None, needs_gradients: bool | None = None) -> list[str]:
-    """Names of the registered detectors, optionally filtered."""
-    _ensure_loaded()
-    out = []
-    for n, c in sorted(_REGISTRY.items()):
-        if needs_labels is not None and c.needs_labels != needs_labels:
-            continue
-        if needs_gradients is not None and c.needs_gradients != needs_gradients:
-            continue
-        out.append(n)
-    return out
-
-
-def detector_info(name: str) -> dict[str, Any]:
-    return detector_class(name).info()
-
-
-def _ensure_loaded() -> None:
-    from . import _all  # noqa: F401 - importing registers every built-in detector
-
-
-# ---------------------------------------------------------------------------------------------
-# fitting one or several detectors over one stream
-
-
-def _is_single_pass(det: Detector) -> bool:
-    """True when the detector uses the default streamed fit without a backward pass."""
-    if type(det)._fit is not Detector._fit:
-        return False
-    spec = det.capture_spec(det.adapter, "fit")
-    return spec is None or spec.backward is None
-
-
-def _add_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    n = max(a.numel(), b.numel())
-    return torch.nn.functional.pad(a, (0, n - a.numel())) + torch.nn.functional.pad(b, (0, n - b.numel()))
-
-
-def _warn_empty_classes(names: list[str], counts: torch.Tensor | None, num_classes: int | None) -> None:
-    """Warn when the fit labels leave head classes of per-class detectors without samples."""
-    if not names or counts is None or not num_classes:
-        return
-    counts = _add_counts(counts, torch.zeros(int(num_classes), dtype=counts.dtype))
-    all_reduce_sum(counts)  # every rank's labels (a shard may lack classes the others have)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        shown = ", ".join(map(str, empty[:8])) + (", ..." if len(empty) > 8 else "")
-        warnings.warn(
-            f"{', '.join(names)}: only {num_classes - len(empty)} of {num_classes} head classes have fit "
-            f"samples; the {len(empty)} others (classes {shown}) get no class statistics, so ID images "
-            "of those classes score as OOD. Fit on labelled ID data that covers every class the model "
-            "predicts.",
-            CalibrationWarning,
-            stacklevel=4,
-        )
-
-
-def fit_detectors(
-    dets: list[Detector],
-    stream: FitStream | None,
-    *,
-    tpr: float = 0.95,
-    feature_batches: Iterable[Features] | None = None,
-    calibration: float | None = None,
-    tag: str | None = None,
-) -> None:
-    """Fit ``dets`` (already attached to one model) sharing model passes.
-
-    Single-pass detectors and detectors without statistics share **one** pass: the union of
-    their capture specs is captured once per batch. Each fit detector sees the fit split and
-    its calibration features are kept from the same pass; detectors without statistics
-    calibrate on every sample. Multi-pass detectors (e.g. gradient subspaces) then run their
-    own passes over ``stream``.
-
-    With ``feature_batches`` (cached features, e.g. from ``normscore-bench``) instead of a
-    stream, the same split is applied to the rows of the cached batches in order; only
-    single-pass, feature-only detectors can be fitted this way.
-
-    Each detector keeps the :class:`~normscore.fingerprint.ModelFingerprint` of the model
-    (with ``tag``) and of the features it scores, when the adapter has resolved the model.
-    """
-    if stream is not None:
-        adapter = stream.adapter
-        stride = stream.stride
-        stream.need_labels = [d.name for d in dets if d.fit_needs_labels()]
-    else:
-        if feature_batches is None:
-            raise ValueError("fit_detectors needs a stream or feature batches")
-        adapter = dets[0].adapter
-        cal = 0.1 if calibration is None else calibration
-        if not 0.0 <= cal < 1.0:
-            raise ConfigError(f"calibration must be in [0, 1), got {cal}.")
-        stride = round(1.0 / cal) if cal > 0 else 0
-    for d in dets:
-        d._reset_fitted()
-    calibrating = stride > 0
-    fitfree = [d for d in dets if not d.needs_fit]
-    single = [d for d in dets if d.needs_fit and _is_single_pass(d)]
-    multi = [d for d in dets if d.needs_fit and d not in single]
-    if stream is None:
-        bad = [d.name for d in multi + single + fitfree if not d.feature_only] + [d.name for d in multi]
-        if bad:
-            raise ConfigError(
-                f"detectors {sorted(set(bad))} need the model during fit (several passes or input "
-                "gradients); fit them with fit(model, loader) instead of cached features."
-            )
-
-    calib_specs: dict[int, CaptureSpec | None] = {}
-    union: CaptureSpec | None = None
-    for d in single:
-        fs = d.capture_spec(adapter, "fit")
-        cs = d.capture_spec(adapter, "calibrate") if calibrating else None
-        calib_specs[id(d)] = cs
-        for s_ in (fs, cs):
-            if s_ is not None:
-                union = s_ if union is None else union | s_
-    for d in fitfree:
-        sp = d.capture_spec(adapter, "calibrate") or d.capture_spec(adapter, "score")
-        union = sp if union is None else union | sp
-
-    def shared_batches():
-        if stream is not None:
-            for b in stream.batches():
-                feats = capture(adapter, b.x, union, validated=True, index=b.index)
-                if b.y is not None:
-                    feats["labels"] = b.y
-                yield feats, b.index
-        else:
-            seen = 0
-            for feats in feature_batches:
-                n = feats.batch_size
-                yield feats, torch.arange(seen, seen + n)
-                seen += n
-            if seen == 0:
-                raise InputError("no cached features to fit on (0 samples).")
-            shared_batches.n_seen = seen
-
-    calib_parts: dict[int, list[Features]] = {id(d): [] for d in single}
-    free_scores: dict[int, list[torch.Tensor]] = {id(d): [] for d in fitfree}
-    n_seen = 0
-    per_class = [d.name for d in single if d.per_class]
-    class_counts: torch.Tensor | None = None
-    if union is not None or stream is None:
-        for d in single:
-            d._fit_begin(adapter)
-        for feats, index in shared_batches():
-            n_seen += feats.batch_size
-            cmask = ((index % stride) == (stride - 1)) if calibrating else torch.zeros_like(index, dtype=torch.bool)
-            any_cal = bool(cmask.any())
-            dev = next(iter(feats.values())).device
-            feats["index"] = index.to(dev)  # global sample positions (see _data.unpack_batch_index)
-            dev_mask = cmask.to(dev) if any_cal else None
-            fit_feats = feats if not any_cal else feats.select(~dev_mask)
-            for d in single:
-                if fit_feats.batch_size:
-                    d._check_labels(fit_feats)
-                    d._fit_update(fit_feats)
-                if any_cal and calib_specs[id(d)] is not None:
-                    calib_parts[id(d)].append(feats.select(dev_mask))
-            if per_class and "labels" in fit_feats and fit_feats.batch_size:
-                c = fit_feats["labels"].long().bincount(minlength=int(adapter.num_classes or 0)).cpu()
-                class_counts = c if class_counts is None else _add_counts(class_counts, c)
-            for d in fitfree:
-                free_scores[id(d)].append(d.score_features(feats))
-        for d in single:
-            d._fit_end()
-        _warn_empty_classes(per_class, class_counts, adapter.num_classes)
-
-    for d in multi:
-        assert stream is not None
-        cs = d.capture_spec(adapter, "calibrate") if calibrating else None
-        store: list[Features] = []
-        d._fit(stream, store if cs is not None else None, cs)
-        calib_specs[id(d)] = cs
-        calib_parts[id(d)] = store
-
-    for d in single + multi:
-        if not calibrating:
-            continue
-        if calib_specs[id(d)] is not None:
-            calib = Features.cat(calib_parts[id(d)])
-        else:
-            if stream is None:
-                raise ConfigError(f"{d.name} cannot calibrate from cached features; use fit(model, loader).")
-            spec = d.capture_spec(adapter, "score")
-            calib = Features.cat(list(stream.features(spec, split="calibration")))
-        local = d.score_features(calib) if calib.batch_size > 0 else torch.empty(0)
-        gathered = all_gather_cat(local.float().cpu())  # every rank's held-out scores
-        if gathered.numel() > 0:
-            d.decision_ = Decision.calibrate(gathered, tpr)
-    for d in fitfree:
-        local = torch.cat(free_scores[id(d)]).float().cpu() if free_scores[id(d)] else torch.empty(0)
-        gathered = all_gather_cat(local)
-        if gathered.numel() > 0:
-            d.decision_ = Decision.calibrate(gathered, tpr)
-    total = all_reduce_int(int(stream.n_seen or 0) if stream is not None else n_seen)
-    for d in dets:
-        d.n_fit_samples_ = total
-        d.fitted_ = True
-        if adapter.resolved:
-            d.fingerprint_ = ModelFingerprint.of(adapter, spec_keys(adapter, d.capture_spec(adapter, "score")), tag=tag)

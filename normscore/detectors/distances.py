@@ -27,8 +27,10 @@ from ._zoo import (
     normalize_rows,
     sample_rows_for,
 )
-from .base import Constraint, Detector, Interval, OneOf, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
 from .engines.knn import KNNBank
+from .registry import register
 
 __all__ = ["FDBD", "KNN", "SHE", "Mahalanobis", "NNGuide", "RelativeMahalanobis", "ViM"]
 

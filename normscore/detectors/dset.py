@@ -13,7 +13,9 @@ from ..errors import ConfigError
 from ..io import write_state
 from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture
-from .base import Detector, create, fit_detectors
+from .base import Detector
+from .fitting import fit_detectors
+from .registry import create
 
 __all__ = ["DetectorSet"]
 

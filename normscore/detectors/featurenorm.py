@@ -10,8 +10,10 @@ import torch
 from ..errors import AdapterError, ConfigError, InputError, NotFittedError
 from ..stats import all_reduce_sum
 from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, parse_key, register_reduction, view_key
-from .base import Constraint, Detector, Interval, OneOf, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
 from .engines.jigsaw import jigsaw_view
+from .registry import register
 
 __all__ = ["FeatureNorm"]
 

@@ -10,8 +10,12 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import ConfigError
+from ..stream import FitStream
 from ..taps import CaptureSpec, Features
-from .base import Constraint, Detector, Interval, OneOf, create, fit_detectors, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
+from .fitting import fit_detectors
+from .registry import create, register
 
 
 class _Members(Constraint):
@@ -50,6 +54,7 @@ class Fusion(Detector):
     paper = "Haroush et al., ICLR 2022, arXiv:2102.12967 (ECDF/p-value combination)"
     formula = "mean_m F_m(s_m), F_m = held-out ID ECDF of member m (or z-score)"
     needs_fit = True
+    fit_mode = "multi_pass"  # the members' shared pass, then the held-out references
     constraints = {
         "members": _Members(),
         "method": OneOf(("ecdf", "zscore")),
@@ -111,8 +116,8 @@ class Fusion(Detector):
     # ------------------------------------------------------------------ capture / fit
     def capture_spec(self, adapter: Adapter, stage: str) -> CaptureSpec | None:
         if stage == "calibrate":
-            # asked before the members are fitted (featurenorm/ldg need their fitted state for a
-            # score spec); _fit stores the held-out features itself, with the members' score spec
+            # the members' score specs are known only after they are fitted (featurenorm, ldg);
+            # _fit returns the held-out features it captured with them, to calibrate on
             return CaptureSpec(logits=True)
         spec: CaptureSpec | None = None
         for d in self._member_dets():
@@ -123,7 +128,7 @@ class Fusion(Detector):
     def _check_labels(self, feats: Features) -> None:  # members check their own labels
         pass
 
-    def _fit(self, stream, calib_store, calib_spec) -> None:  # type: ignore[override]
+    def _fit(self, stream: FitStream) -> Features:
         if stream.stride == 0:
             raise ConfigError("fusion normalises members on held-out ID data: fit with calibration > 0.")
         dets = self._member_dets()
@@ -135,8 +140,6 @@ class Fusion(Detector):
         if not parts:
             raise ConfigError("no held-out calibration samples; use more fit data or a larger calibration share.")
         held = Features.cat(parts)
-        if calib_store is not None:
-            calib_store.append(held)
         scores = torch.stack([d.score_features(held).double().cpu() for d in dets])  # [M, N]
         if self.method == "ecdf":
             q = torch.linspace(0, 1, min(self.reference_size, scores.shape[1]), dtype=torch.float64)
@@ -145,6 +148,7 @@ class Fusion(Detector):
             self.mean_ = scores.mean(1).float()
             self.std_ = scores.std(1).clamp_min(1e-12).float()
         self.n_reference_ = int(scores.shape[1])
+        return held  # the threshold is calibrated on these features (fit_detectors)
 
     def score_features(self, feats: Features) -> torch.Tensor:
         dets = self._member_dets()

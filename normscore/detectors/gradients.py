@@ -14,7 +14,8 @@ from ..errors import ConfigError, InputError, NotFittedError
 from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
 from ..stream import Batch, FitStream
 from ..taps import CaptureSpec, Features, capture
-from .base import Constraint, Detector, Interval, OneOf, register
+from .base import Detector
+from .constraints import Constraint, Interval, OneOf
 from .engines.knn import KNNBank
 from .engines.persample import (
     ExactGradients,
@@ -27,6 +28,7 @@ from .engines.persample import (
     resolve_layers,
     slots_from_names,
 )
+from .registry import register
 
 __all__ = ["LDG", "GradNorm"]
 
@@ -331,6 +333,7 @@ class LDG(Detector):
     paper = "Wu et al., TPAMI 2024, arXiv:2310.17163"
     formula = "KNN on G_low = ((grad_theta logsumexp(z) - mu)/sigma)^T V, V = top-K PCs of ID gradients"
     needs_fit = True
+    fit_mode = "multi_pass"  # pass 1: gradient statistics; then the ID bank of projections
     needs_gradients = True
     feature_only = False
     constraints = {
@@ -428,7 +431,7 @@ class LDG(Detector):
     def fit_needs_labels(self) -> bool:
         return self.scoring in ("probe_msp", "probe_energy") or self.subspace == "class_mean"
 
-    def _fit(self, stream: FitStream, calib_store, calib_spec) -> None:
+    def _fit(self, stream: FitStream) -> None:  # None: the base calibrates in one extra pass
         self._clear_cache()
         adapter = stream.adapter
         dev = next(iter(adapter.model.parameters()), torch.empty(0)).device

@@ -8,7 +8,9 @@ from ..errors import InputError
 from ..stats import all_reduce_sum
 from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
 from ._zoo import check_labels
-from .base import Detector, Interval, register
+from .base import Detector
+from .constraints import Interval
+from .registry import register
 
 
 @register

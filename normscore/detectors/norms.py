@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..taps import CaptureSpec, Features
-from .base import Detector, register
+from .base import Detector
+from .registry import register
 
 
 @register

@@ -12,8 +12,9 @@ from torch import nn
 
 from ..errors import FormatError
 from ..io import read_state, write_state
-from .base import Detector, create
+from .base import Detector
 from .dset import DetectorSet
+from .registry import create
 
 __all__ = ["load", "save"]
 

@@ -23,7 +23,9 @@ from ._zoo import (
     quantile_table,
     sample_rows_for,
 )
-from .base import Detector, Interval, OneOf, register
+from .base import Detector
+from .constraints import Interval, OneOf
+from .registry import register
 
 __all__ = ["ASH", "DICE", "SCALE", "ReAct"]
 
