@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -351,3 +352,61 @@ def test_every_family_is_registered_before_any_lookup():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[-1]) >= 20
+
+
+#: the detector machinery that may make distributed calls: the fit passes and the declared-state sync
+DIST_MACHINERY = {"normscore.detectors.fitting", "normscore.detectors.sync"}
+_DIST_NAME = re.compile(r"^(all_reduce\w*|all_gather\w*|distributed_active|reduce_scatter\w*|broadcast)$")
+
+
+def dist_calls(source: str) -> list[str]:
+    """Distributed primitives a module uses: ``all_reduce*`` / ``all_gather*`` names or methods,
+    ``distributed_active`` and any ``torch.distributed`` reference (docstrings do not count)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Name) and _DIST_NAME.match(node.id):
+            found.add(f"{line}: {node.id}")
+        elif isinstance(node, ast.Attribute) and (
+            _DIST_NAME.match(node.attr) or (node.attr == "distributed" and ast.unparse(node.value) == "torch")
+        ):
+            found.add(f"{line}: {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            if (node.module or "").endswith("distributed") or any(_DIST_NAME.match(n) for n in names):
+                found.add(f"{line}: from {node.module} import {', '.join(names)}")
+        elif isinstance(node, ast.Import) and any("distributed" in a.name for a in node.names):
+            found.add(f"{line}: import {', '.join(a.name for a in node.names)}")
+    return sorted(found)
+
+
+def test_the_distributed_guard_sees_calls():
+    bad = """
+import torch.distributed as dist
+from ..stats import all_reduce_sum, all_gather_cat
+from torch.distributed import all_reduce
+all_reduce_sum(x, y)
+b = all_gather_cat(b)
+m.all_reduce()
+s.all_gather()
+if torch.distributed.is_initialized(): pass
+"""
+    assert {int(h.split(":")[0]) for h in dist_calls(bad)} == set(range(2, 10))  # every line is caught
+    ok = '"""Summed over ranks under ``torch.distributed`` (``all_reduce``)."""\n_fit_state = (("_sums", "sum"),)\n'
+    assert dist_calls(ok) == []
+
+
+def test_detector_families_make_no_distributed_calls():
+    """Fit state declares its reduction (``Detector._fit_state``) and the base synchronises it once
+    (:mod:`normscore.detectors.sync`); detector family files contain no distributed calls (issue
+    13, item 5). ``detectors/engines/persample.py`` keeps the collective matmuls of its streamed
+    randomized subspace iteration (an engine algorithm, rows sharded over ranks)."""
+    fams = {m: p for m, p in _modules().items() if m.startswith("normscore.detectors.") and ".engines" not in m}
+    assert "normscore.detectors.distances" in fams and "normscore.detectors.gradients" in fams
+    bad = [
+        f"{p.relative_to(ROOT)}:{hit}"
+        for m, p in fams.items()
+        if m not in DIST_MACHINERY
+        for hit in dist_calls(p.read_text())
+    ]
+    assert not bad, "\n".join(bad)

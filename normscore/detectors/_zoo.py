@@ -21,7 +21,6 @@ import torch
 from ..errors import InputError
 from ..hashing import splitmix64
 from ..runmode import tracing
-from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
 from ..taps import Features
 
 #: Budget of the row samples (number of float values, i.e. rows x feature dimension): 2**22
@@ -128,17 +127,15 @@ class RowSample:
         self._prio[leaving] = prio[idx]
         self._pos[leaving] = pos[idx]
 
-    def all_gather(self) -> None:
-        """Merge the samples of every ``torch.distributed`` rank (no-op otherwise): the union's
-        ``capacity`` smallest priorities, i.e. the sample a single process would have kept."""
-        if not distributed_active():
-            return
-        if self._rows is None:
-            raise InputError("a rank saw no fit rows; give every rank at least one batch.")
-        assert self._prio is not None and self._pos is not None
-        rows, prio, pos = all_gather_cat(self._rows), all_gather_cat(self._prio), all_gather_cat(self._pos)
-        keep = torch.argsort(prio)[: self.capacity]
-        self._rows, self._prio, self._pos = rows[keep], prio[keep], pos[keep]
+    #: a ``"merge"`` fit state (:mod:`~normscore.detectors.sync`): every rank's kept rows are
+    #: gathered, then :meth:`_after_sync` keeps the union's ``capacity`` smallest priorities, i.e.
+    #: the sample a single process would have kept
+    _fit_state = (("_rows", "cat"), ("_prio", "cat"), ("_pos", "cat"))
+
+    def _after_sync(self) -> None:
+        assert self._rows is not None and self._prio is not None and self._pos is not None
+        keep = torch.argsort(self._prio)[: self.capacity]
+        self._rows, self._prio, self._pos = self._rows[keep], self._prio[keep], self._pos[keep]
 
     def rows(self) -> torch.Tensor:
         """The kept rows in stream order."""
@@ -226,8 +223,10 @@ def check_labels(y: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
 
 
 class FeatureMean:
-    """Streamed float64 mean of the penultimate features, summed over ranks under
-    ``torch.distributed`` (DICE's ``mean(h)``, fDBD's ``mu_train``)."""
+    """Streamed float64 mean of the penultimate features, a ``"merge"`` fit state summed over
+    ranks under ``torch.distributed`` (DICE's ``mean(h)``, fDBD's ``mu_train``)."""
+
+    _fit_state = (("sum", "sum"), ("n", "sum"))
 
     def __init__(self, detector: str) -> None:
         self.detector = detector
@@ -243,8 +242,7 @@ class FeatureMean:
     def mean(self) -> torch.Tensor:
         if self.sum is None or self.n == 0:
             raise InputError(f"{self.detector} saw no fit samples.")
-        all_reduce_sum(self.sum)
-        return self.sum / all_reduce_int(self.n)
+        return self.sum / self.n
 
 
 def _version(t: Any) -> int | None:

@@ -37,6 +37,7 @@ from ._zoo import LazyCache
 from .constraints import Constraint
 from .decision import Decision
 from .fitting import fit_detectors
+from .sync import REDUCTIONS, sync_state
 
 __all__ = ["FIT_MODES", "Detector"]
 
@@ -112,6 +113,13 @@ class Detector(metaclass=_DetectorMeta):
     #: fit stream: overrides ``_fit(stream)``). Worked out from the class when not declared; a
     #: declaration that contradicts the class fails when the class is defined.
     fit_mode: ClassVar[str] = "none"
+    #: how each fit accumulator combines over ``torch.distributed`` ranks: ``(attribute,
+    #: reduction)`` pairs, reductions ``"sum"``, ``"cat"``, ``"moments"`` or ``"merge"`` (see
+    #: :mod:`~normscore.detectors.sync`). The base synchronises them once, after the last
+    #: ``_fit_update`` and before ``_fit_end``; detectors make no distributed calls.
+    _fit_state: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: a ``"cat"`` state of sample positions: after gathering, every ``"cat"`` state is sorted by it
+    _fit_order: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
@@ -122,6 +130,11 @@ class Detector(metaclass=_DetectorMeta):
         every ``score_features`` a subclass defines checks the feature shapes first."""
         super().__init_subclass__(**kwargs)
         cls.fit_mode = cls._implemented_fit_mode()
+        for attr, how in cls._fit_state:
+            if how not in REDUCTIONS:
+                raise TypeError(
+                    f"{cls.__name__}._fit_state: {attr!r} has unknown reduction {how!r}; use one of {REDUCTIONS}"
+                )
         fn = cls.__dict__.get("score_features")
         if fn is None or getattr(fn, "_checks_shapes", False):
             return
@@ -208,6 +221,7 @@ class Detector(metaclass=_DetectorMeta):
         ):
             self._check_labels(feats)
             self._fit_update(feats)
+        sync_state(self)
         self._fit_end()
         return Features.cat(store) if calib_spec is not None else None
 

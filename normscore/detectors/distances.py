@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..stats import ClassMoments, RunningMoments, all_gather_cat, all_reduce_int, all_reduce_sum, distributed_active
+from ..stats import ClassMoments, RunningMoments
 from ..taps import CaptureSpec, Features
 from ._zoo import (
     FeatureMean,
@@ -90,6 +90,8 @@ class _Gaussian(Detector):
         # logits at fit time only to know the number of classes
         return CaptureSpec(logits=stage == "fit", penultimate=True)
 
+    _fit_state = (("_moments", "moments"),)
+
     def _fit_begin(self, adapter) -> None:
         self._moments: ClassMoments | None = None
 
@@ -105,7 +107,6 @@ class _Gaussian(Detector):
         m = self._moments
         if m is None or m.n == 0:
             raise InputError(f"{self.name} saw no fit samples.")
-        m.all_reduce()
         n = m.n
         present = m.counts > 0
         self.present_ = present
@@ -217,6 +218,9 @@ class _Bank(Detector):
     def _bank_rows(self, feats: Features) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    _fit_state = (("_seen", "sum"), ("_parts", "cat"), ("_pos", "cat"))
+    _fit_order = "_pos"
+
     def _fit_begin(self, adapter) -> None:
         self._parts: list[torch.Tensor] = []
         self._pos: list[torch.Tensor] = []
@@ -234,11 +238,7 @@ class _Bank(Detector):
 
     def _fit_end(self) -> None:
         bank = torch.cat(self._parts) if self._parts else torch.zeros(0, 0)
-        pos = torch.cat(self._pos) if self._pos else torch.zeros(0, dtype=torch.long)
-        seen = all_reduce_int(self._seen)
-        if distributed_active():  # every rank's rows, in global position order
-            bank, pos = all_gather_cat(bank), all_gather_cat(pos)
-            bank = bank[torch.argsort(pos)]
+        seen = self._seen  # all ranks: every rank's rows come in global position order (``_fit_order``)
         del self._parts, self._pos, self._seen
         if bank.shape[0] < int(self.k):
             raise InputError(
@@ -442,6 +442,8 @@ class ViM(Detector):
             raise ConfigError(f"vim: dim={v} must be smaller than the feature dimension {d}.")
         return int(v)
 
+    _fit_state = (("_moments", "moments"), ("_sample", "merge"), ("_maxlogit", "sum"))
+
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter
         self._moments: RunningMoments | None = None
@@ -462,11 +464,6 @@ class ViM(Detector):
         m, sample = self._moments, self._sample
         if m is None or sample is None or m.n == 0:
             raise InputError("vim saw no fit samples.")
-        m.all_reduce()
-        sample.all_gather()
-        ml = torch.tensor([self._maxlogit], dtype=torch.float64)
-        all_reduce_sum(ml)
-        self._maxlogit = float(ml.item())
         w, b = self._adapter_fit.head_weight_bias()
         dev = m.mean.device
         u = -(torch.linalg.pinv(w.double()) @ b.double()).to(dev)
@@ -534,6 +531,8 @@ class SHE(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True, penultimate=True)
 
+    _fit_state = (("_sums", "sum"), ("_counts", "sum"))
+
     def _fit_begin(self, adapter) -> None:
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
@@ -553,7 +552,6 @@ class SHE(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("she saw no fit samples.")
-        all_reduce_sum(self._sums, self._counts)
         self.patterns_ = (self._sums / self._counts.clamp_min(1)[:, None]).float()
         self.class_counts_ = self._counts.long()
         del self._sums, self._counts
@@ -589,6 +587,8 @@ class FDBD(Detector):
 
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True, penultimate=True)
+
+    _fit_state = (("_mean", "merge"),)
 
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, ConfigError, InputError, NotFittedError
-from ..stats import all_reduce_sum
 from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, parse_key, register_reduction, view_key
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
@@ -108,6 +107,8 @@ class FeatureNorm(Detector):
         return CaptureSpec(logits=logit, penultimate=logit, blocks=frozenset({(sel, _RED)}))
 
     # ------------------------------------------------------------------ fit
+    _fit_state = (("_sums", "sum"), ("_count", "sum"))
+
     def _fit_begin(self, adapter) -> None:
         self._fit_adapter = adapter
         self._blocks: list[str] | None = None
@@ -159,9 +160,7 @@ class FeatureNorm(Detector):
     def _fit_end(self) -> None:
         if self._blocks is None or self._sums is None:
             raise InputError("featurenorm saw no fit samples; pass a loader with ID training data.")
-        count = torch.tensor([float(self._count)], dtype=torch.float64)
-        all_reduce_sum(self._sums, count)
-        n = int(count.item())
+        n = int(self._count)
         if n == 0:
             raise InputError("featurenorm saw no fit samples; pass a loader with ID training data.")
         means = self._sums / n

@@ -16,6 +16,7 @@ from ..stats import all_gather_cat, all_reduce_int, all_reduce_sum
 from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture, spec_keys
 from .decision import Decision
+from .sync import sync_state
 
 if TYPE_CHECKING:
     from .base import Detector
@@ -166,6 +167,7 @@ def fit_detectors(
             for d in fitfree:
                 free_scores[id(d)].append(d.score_features(feats))
         for d in single:
+            sync_state(d)  # the declared fit state, combined over ranks (no-op in one process)
             d._fit_end()
         _warn_empty_classes(per_class, class_counts, adapter.num_classes)
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError, NotFittedError
-from ..stats import RunningMoments, all_gather_cat, all_reduce_sum, distributed_active
+from ..stats import RunningMoments
 from ..stream import Batch, FitStream
 from ..taps import CaptureSpec, Features, capture
+from . import sync
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
 from .engines.knn import KNNBank
@@ -154,7 +155,7 @@ class _GradOperator(StreamedOperator):
         self.dim = lmap.dim
         self.n = n  # all ranks
         self.n_local = n_local  # rows of this rank
-        self.rows_distributed = distributed_active()
+        self.rows_distributed = sync.distributed()
         self.support = self.s > 0
         self.max_rank = min(n - 1, int(self.support.sum()))  # centred rows
         self._unscale = torch.where(self.support, 1.0 / self.s.clamp_min(1e-30), torch.zeros_like(self.s))
@@ -194,7 +195,7 @@ class _GradOperator(StreamedOperator):
             f = self.lmap.run(self.adapter, b.x, consumer)
             self.passes.check(row0, f["logits"])
         ysum = y.double().sum(0)
-        all_reduce_sum(out, ysum)
+        sync.reduce((out, ysum), "sum")  # a collective matmul: the rows are sharded over ranks
         out.addr_(self.mean, ysum.to(out.device, out.dtype), alpha=-1.0)
         out.mul_(self.s[:, None])
 
@@ -495,12 +496,12 @@ class LDG(Detector):
         n_local = int(passes.fingerprint.shape[0])
 
         if dense:
-            rm_full.all_reduce()
+            sync.reduce(rm_full, "moments")
             n = rm_full.n
             mean, var = rm_full.mean, torch.diagonal(rm_full.m2) / max(n, 1)
         else:
             for r in rms:
-                r.all_reduce()
+                sync.reduce(r, "moments")
             n = rms[0].n
             mean = torch.cat([r.mean for r in rms])
             var = torch.cat([r.m2 for r in rms]) / max(n, 1)
@@ -514,7 +515,7 @@ class LDG(Detector):
         bank = None
         if self.subspace == "class_mean":
             assert csum is not None and ccount is not None
-            all_reduce_sum(csum, ccount)
+            sync.reduce((csum, ccount), "sum")
             present = (ccount > 0).nonzero().flatten()
             means = csum[:, present].double() / ccount[present][None, :]
             v = (means - mean[:, None]) * inv_std[:, None]
@@ -574,8 +575,8 @@ class LDG(Detector):
                 parts.append((f[bw_key].float() - self.offset_).cpu())
             bank = torch.cat(parts)
         # under torch.distributed: every rank's fit samples, in global position order
-        order = torch.argsort(all_gather_cat(torch.cat(positions)))
-        bank = all_gather_cat(bank.cpu())[order]
+        extra = ([torch.cat(pens)] if keep_feats else []) + ([torch.cat(labels)] if labels else [])
+        bank, *extra = sync.gather_in_order(torch.cat(positions), bank.cpu(), *extra)
         if bank.shape[0] < int(self.k):
             raise InputError(
                 f"k={self.k} nearest neighbours requested but only {bank.shape[0]} ID samples were fitted; "
@@ -583,8 +584,8 @@ class LDG(Detector):
             )
         self.bank_ = bank
         if keep_feats:
-            self.feature_bank_ = all_gather_cat(torch.cat(pens))[order]
-        y = all_gather_cat(torch.cat(labels))[order] if labels else None
+            self.feature_bank_ = extra.pop(0)
+        y = extra.pop(0) if labels else None
         if y is not None and int(y.min()) >= 0:  # the probe is its own classifier over the labels given
             ncls = max(int(adapter.num_classes or 0), int(y.max()) + 1)
             for key, val in _train_probe(bank, y, ncls, int(self.seed)).items():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..stats import all_reduce_sum
 from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
 from ._zoo import check_labels
 from .base import Detector
@@ -182,6 +181,8 @@ class TempScale(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True)
 
+    _fit_state = (("_sums", "sum"),)
+
     def _fit_begin(self, adapter) -> None:
         self._sums: torch.Tensor | None = None  # [3, G]: NLL, dNLL/dbeta, d2NLL/dbeta2
 
@@ -207,7 +208,6 @@ class TempScale(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("tempscale saw no fit samples.")
-        all_reduce_sum(self._sums)
         s = self._sums.cpu()
         betas = _TS_BETAS
         d1, d2 = s[1], s[2]
@@ -342,6 +342,8 @@ class KLM(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True)
 
+    _fit_state = (("_sums", "sum"), ("_counts", "sum"))
+
     def _fit_begin(self, adapter) -> None:
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
@@ -360,7 +362,6 @@ class KLM(Detector):
     def _fit_end(self) -> None:
         if self._sums is None:
             raise InputError("klm saw no fit samples.")
-        all_reduce_sum(self._sums, self._counts)
         present = self._counts > 0
         t = self._sums / self._counts.clamp_min(1)[:, None]
         self.templates_ = t

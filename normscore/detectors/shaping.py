@@ -88,6 +88,8 @@ class ReAct(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=False, penultimate=True)
 
+    _fit_state = (("_sample", "merge"),)
+
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter
         self._sample: RowSample | None = None
@@ -101,7 +103,6 @@ class ReAct(Detector):
     def _fit_end(self) -> None:
         if self._sample is None:
             raise InputError("react saw no fit samples.")
-        self._sample.all_gather()
         self.activation_quantiles_ = quantile_table(self._sample.rows())
         self.n_sampled_rows_ = int(self._sample.rows().shape[0])
         self.W_, self.b_ = self._adapter_fit.head_weight_bias()
@@ -229,6 +230,8 @@ class DICE(Detector):
 
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=False, penultimate=True)
+
+    _fit_state = (("_mean", "merge"),)
 
     def _fit_begin(self, adapter) -> None:
         self._adapter_fit = adapter
