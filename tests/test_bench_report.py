@@ -118,3 +118,22 @@ def test_demo_table_is_in_percent():
     auroc = 100 * evaluate(s_id["energy"], s_ood["noise"]["energy"])["auroc"]
     assert f"{auroc:.1f}" in text and "in %" in text
     assert not re.search(r"\b0\.\d{3}\b", text)  # no fractions such as 0.938
+
+
+def test_footer_lists_a_detector_that_failed_after_its_search_as_failed():
+    """--search with a detector that fails once fitted (knn: k > bank size) crashed the whole run
+    in footer_lines (KeyError on its empty params) before results.json was written."""
+    from normscore.bench.report import footer_lines
+
+    results = {
+        "validation": {"id": "100 images", "ood": {"dataset": "v", "split": "test", "size": 10}, "criterion": "c"},
+        "detectors": {
+            "energy": {"search": [{"params": {"temperature": 1.0}, "val_auroc": 0.9}], "params": {"temperature": 1.0}},
+            "knn": {"search": [{"params": {"k": 100}, "val_auroc": None}], "params": {}, "error": "k too large"},
+        },
+        "timings": {"total": 1.0},
+        "splits": {},
+    }
+    lines = footer_lines(results)
+    assert any(line.startswith("  energy: ") for line in lines)
+    assert "FAILED knn: k too large" in lines and not any(line.startswith("  knn:") for line in lines)

@@ -144,7 +144,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
 
 def footer_lines(results: dict[str, Any]) -> list[str]:
     out = []
-    searched = {n: d for n, d in results["detectors"].items() if d.get("search")}
+    # a detector that failed after its search has no chosen parameters: it is listed under FAILED
+    searched = {n: d for n, d in results["detectors"].items() if d.get("search") and not d.get("error")}
     if searched:
         v = results["validation"]
         out.append(
