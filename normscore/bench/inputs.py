@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,18 +57,13 @@ def build_bench_model(
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--train-epochs must be >= 1, got {epochs}.")
     num_classes = plan.info.num_classes
+
+    def train_split(**fmt: Any) -> ImageSet:  # the ID training split (subsampled as --limit/--seed say)
+        return get_dataset(cfg.id, plan.train_split, data_root=cfg.data_root, limit=cfg.limit, seed=cfg.seed, **fmt)
+
     train_set = None
     if num_classes is None or train:
-        train_set = get_dataset(
-            cfg.id,
-            plan.train_split,
-            data_root=cfg.data_root,
-            limit=cfg.limit,
-            seed=cfg.seed,
-            channels=native.channels,
-            image_size=native.size,
-            crop_pct=native.crop_pct,
-        )
+        train_set = train_split(channels=native.channels, image_size=native.size, crop_pct=native.crop_pct)
         if num_classes is None:
             num_classes = len(train_set.class_names or []) or int(train_set.labels.max()) + 1
     with torch.random.fork_rng(devices=[]):  # a freshly initialised model is seeded
@@ -85,14 +81,7 @@ def build_bench_model(
     if train:
         assert train_set is not None and epochs is not None
         fmt = lm.format
-        train_set = get_dataset(
-            cfg.id,
-            plan.train_split,
-            data_root=cfg.data_root,
-            limit=cfg.limit,
-            seed=cfg.seed,
-            **fmt.dataset_kwargs(),
-        )
+        train_set = train_split(**fmt.dataset_kwargs())
         if int(train_set.labels.min()) < 0:
             raise ConfigError(f"--id {cfg.id}: the training split has unlabelled images; cannot train on it.")
         recipe = {
