@@ -4,7 +4,7 @@ Called by ``benchmarks/perf.py`` (section ``ldg``); also runs on its own. Prints
 ``{"name", "ours_s", "ref_s", "ratio", "params", ...}`` with ``ratio = ours_s / ref_s``.
 
 1. ``ldg/exact_vs_vmap``: per-sample projections ``v(x)^T V`` from one forward and one batched
-   backward pass with per-layer closed-form gradients (``normscore.detectors.engines.persample``) against
+   backward pass with per-layer closed-form gradients (``normscore.detectors.engines.persample``, layers from ``.layers``) against
    ``torch.func.vmap(grad(...))`` of full per-sample gradients followed by the dense projection,
    on timm ``resnet18`` (random weights, 32 px, batch 32, all parameters). Same outputs: the max
    relative difference is printed.
@@ -51,7 +51,8 @@ def resnet18_engine(batch: int, k: int, size: int, seed: int | None = 0) -> dict
     import timm
     from torch.func import functional_call, grad, vmap
 
-    from normscore.detectors.engines.persample import ExactGradients, resolve_layers
+    from normscore.detectors.engines.layers import resolve_layers
+    from normscore.detectors.engines.persample import ExactGradients
 
     if seed is not None:
         torch.manual_seed(seed)

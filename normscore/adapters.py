@@ -136,6 +136,8 @@ class _ProbeResult:
     num_classes: int | None = None
     in_chans: int | None = None
     input_shape: tuple[int, ...] | None = None  # one probe sample, without the batch dim
+    calls: dict[str, int] = field(default_factory=dict)  # forward calls per module
+    entry: dict[str, int] = field(default_factory=dict)  # order in which modules are first entered
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -399,6 +401,13 @@ class Adapter:
             watch_outputs.add(head_name)
         first_conv: list[int] = []
 
+        def make_pre_hook(name: str):
+            def pre_hook(module: nn.Module, args: tuple) -> None:
+                res.entry.setdefault(name, len(res.entry))
+                res.calls[name] = res.calls.get(name, 0) + 1
+
+            return pre_hook
+
         def make_hook(name: str):
             def hook(module: nn.Module, args: tuple, out: object) -> None:
                 res.order[name] = counter[0]
@@ -419,6 +428,7 @@ class Adapter:
         try:
             for name, m in self._modules.items():
                 if name:
+                    handles.append(m.register_forward_pre_hook(make_pre_hook(name)))
                     handles.append(m.register_forward_hook(make_hook(name)))
             with eval_mode(model), torch.no_grad():
                 try:
@@ -555,6 +565,18 @@ class Adapter:
     def num_features(self) -> int:
         shp = self._need_probe().in_shapes.get(self.head_name, ())
         return int(torch.Size(shp[1:]).numel())
+
+    @property
+    def module_calls(self) -> dict[str, int]:
+        """How often each module ran in the probe pass (modules that did not run are absent):
+        more than once for shared modules, e.g. a block applied twice."""
+        return dict(self._need_probe().calls)
+
+    @property
+    def entry_order(self) -> dict[str, int]:
+        """The order in which the probe pass first *entered* each module (a parent before its
+        children; :meth:`blocks` are ordered by exit)."""
+        return dict(self._need_probe().entry)
 
     @property
     def in_chans(self) -> int | None:

@@ -399,7 +399,7 @@ if torch.distributed.is_initialized(): pass
 def test_detector_families_make_no_distributed_calls():
     """Fit state declares its reduction (``Detector._fit_state``) and the base synchronises it once
     (:mod:`normscore.detectors.sync`); detector family files contain no distributed calls (issue
-    13, item 5). ``detectors/engines/persample.py`` keeps the collective matmuls of its streamed
+    13, item 5). ``detectors/engines/subspace.py`` keeps the collective matmuls of its streamed
     randomized subspace iteration (an engine algorithm, rows sharded over ranks)."""
     fams = {m: p for m, p in _modules().items() if m.startswith("normscore.detectors.") and ".engines" not in m}
     assert "normscore.detectors.distances" in fams and "normscore.detectors.gradients" in fams

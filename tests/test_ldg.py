@@ -11,16 +11,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import normscore
-from normscore.detectors.engines.persample import (
-    DenseOperator,
-    ExactGradients,
-    KroneckerSketch,
-    _weight_dims,
-    orthonormalize,
-    plan_sketch,
-    randomized_subspace,
-    resolve_layers,
-)
+from normscore.detectors.engines.layers import resolve_layers
+from normscore.detectors.engines.persample import ExactGradients, KroneckerSketch, _weight_dims, plan_sketch
+from normscore.detectors.engines.subspace import DenseOperator, orthonormalize, randomized_subspace
 from normscore.errors import CalibrationWarning, ConfigError, InputError, InputTypeError, NotFittedError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -12,23 +12,16 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError, NotFittedError
 from ..stats import RunningMoments
-from ..stream import Batch, FitStream
+from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture
 from . import sync
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
+from .engines.gradstream import GradOperator, GradPasses, GradStats
 from .engines.knn import KNNBank
-from .engines.persample import (
-    ExactGradients,
-    KroneckerSketch,
-    LayerMap,
-    SketchShape,
-    StreamedOperator,
-    plan_sketch,
-    randomized_subspace,
-    resolve_layers,
-    slots_from_names,
-)
+from .engines.layers import resolve_layers, slots_from_names
+from .engines.persample import ExactGradients, KroneckerSketch, LayerMap, SketchShape, plan_sketch
+from .engines.subspace import randomized_subspace
 from .registry import register
 
 __all__ = ["LDG", "GradNorm"]
@@ -94,121 +87,11 @@ class _ParamSpec(Constraint):
 
 
 _DENSE_MAX_DIM = 2048
-_FP_TOL = 1e-4
 
 
 def _zero_variance(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Coordinates whose ID gradient is constant (up to float32 rounding of the mean)."""
     return var <= (1e-6 * mean.abs()) ** 2 + 1e-36
-
-
-class _Pass:
-    """Deterministic, capped passes over the fit split, with an order check between passes."""
-
-    def __init__(self, stream: FitStream, cap: int | None) -> None:
-        self.stream = stream
-        self.cap = cap
-        self.fingerprint: torch.Tensor | None = None
-
-    def batches(self) -> Iterator[tuple[int, Batch]]:
-        seen = 0
-        for b in self.stream.inputs(split="fit"):
-            if self.cap is not None and seen >= self.cap:
-                break
-            if self.cap is not None and seen + b.x.shape[0] > self.cap:
-                keep = self.cap - seen
-                b = Batch(b.x[:keep], b.y[:keep] if b.y is not None else None, b.index[:keep])
-            yield seen, b
-            seen += b.x.shape[0]
-
-    def check(self, row0: int, logits: torch.Tensor) -> None:
-        assert self.fingerprint is not None
-        f = torch.logsumexp(logits.double().cpu(), dim=1)
-        ref = self.fingerprint[row0 : row0 + f.shape[0]]
-        if ref.shape != f.shape or not torch.allclose(f, ref, rtol=_FP_TOL, atol=_FP_TOL):
-            raise InputError(
-                "ldg makes several passes over the fit loader and needs the same samples in the same "
-                "order every time, but this pass differs from the first one (is the loader shuffled or "
-                "randomly augmented?). Use a deterministic loader (shuffle=False, no random transforms)."
-            )
-
-
-class _GradOperator(StreamedOperator):
-    """``A = (G - 1 mu^T) diag(s)`` over the fit split: rows are NFK-normalised gradients."""
-
-    def __init__(
-        self,
-        lmap: LayerMap,
-        adapter,
-        passes: _Pass,
-        mean: torch.Tensor,
-        inv_std: torch.Tensor,
-        n: int,
-        n_local: int,
-        device: torch.device,
-    ) -> None:
-        self.lmap = lmap
-        self.adapter = adapter
-        self.passes = passes
-        self.mean = mean.float().to(device)
-        self.s = inv_std.float().to(device)
-        self.dim = lmap.dim
-        self.n = n  # all ranks
-        self.n_local = n_local  # rows of this rank
-        self.rows_distributed = sync.distributed()
-        self.support = self.s > 0
-        self.max_rank = min(n - 1, int(self.support.sum()))  # centred rows
-        self._unscale = torch.where(self.support, 1.0 / self.s.clamp_min(1e-30), torch.zeros_like(self.s))
-
-    def _slices(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return [t[o : o + d] for o, d in zip(self.lmap.offsets, self.lmap.dims)]
-
-    def matmat(self, p: torch.Tensor) -> torch.Tensor:
-        p.mul_(self.s[:, None])
-        try:
-            mu_term = torch.zeros(p.shape[1], dtype=torch.float64, device=p.device)
-            for r in range(0, p.shape[0], 4096):
-                mu_term += (self.mean[r : r + 4096] @ p[r : r + 4096]).double()
-            mu_term = mu_term.cpu()
-            y = torch.empty(self.n_local, p.shape[1], dtype=torch.float64)
-            for row0, b in self.passes.batches():
-                spec = CaptureSpec(logits=True, backward=self.lmap.projection_spec(p, "y"))
-                f = capture(self.adapter, b.x, spec, validated=True)
-                self.passes.check(row0, f["logits"])
-                y[row0 : row0 + b.x.shape[0]] = f["y"].double().cpu() - mu_term
-        finally:
-            p.mul_(self._unscale[:, None])
-        return y
-
-    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        out.zero_()
-        views = self._slices(out)
-        yd = y.to(out.dtype)
-        rows = [0]
-
-        def consumer(i: int, r0: int, feats: torch.Tensor) -> None:
-            r = rows[0] + r0
-            views[i].addmm_(feats.t(), yd[r : r + feats.shape[0]].to(feats.device))
-
-        for row0, b in self.passes.batches():
-            rows[0] = row0
-            f = self.lmap.run(self.adapter, b.x, consumer)
-            self.passes.check(row0, f["logits"])
-        ysum = y.double().sum(0)
-        sync.reduce((out, ysum), "sum")  # a collective matmul: the rows are sharded over ranks
-        out.addr_(self.mean, ysum.to(out.device, out.dtype), alpha=-1.0)
-        out.mul_(self.s[:, None])
-
-
-def _update_diag(rm: RunningMoments, x: torch.Tensor) -> None:
-    """Merge a chunk's diagonal moments, computed in float32 (only the [d] vectors go to
-    float64), into ``rm`` - cheaper than ``rm.update`` for wide gradient chunks."""
-    nb = x.shape[0]
-    mb = x.mean(0)
-    m2b = ((x - mb) ** 2).sum(0)
-    part = RunningMoments(rm.dim, diagonal=True)
-    part.n, part.mean, part.m2 = nb, mb.double(), m2b.double()
-    rm.merge(part)
 
 
 def _canonical_signs(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,39 +101,6 @@ def _canonical_signs(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sign = torch.sign(v.gather(0, idx[None, :]))[0]
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return v * sign[None, :], sign
-
-
-class _Stats:
-    """Pass-1 consumer: NFK moments (dense covariance or per-layer diagonal) and class sums."""
-
-    def __init__(self, lmap, rm_full, rms, csum, onehot, bsz) -> None:
-        self.lmap, self.rm_full, self.rms, self.csum, self.onehot = lmap, rm_full, rms, csum, onehot
-        self.offs = lmap.offsets
-        self.phi = torch.zeros(bsz, lmap.dim) if rm_full is not None else None
-        self.bufs: dict[int, torch.Tensor] = {}
-        self.bsz = bsz
-
-    def __call__(self, i: int, r0: int, feats: torch.Tensor) -> None:
-        fc = feats.cpu()
-        o, d = self.offs[i], self.lmap.dims[i]
-        rows = slice(r0, r0 + fc.shape[0])
-        if self.phi is not None:
-            self.phi[rows, o : o + d] += fc
-        elif self.lmap.slots[i].calls > 1:  # shared layer: sum its calls before the moments
-            buf = self.bufs.get(i)
-            if buf is None:
-                buf = self.bufs[i] = torch.zeros(self.bsz, d)
-            buf[rows] += fc
-        else:
-            _update_diag(self.rms[i], fc)
-        if self.onehot is not None:
-            self.csum[o : o + d].addmm_(fc.t(), self.onehot[rows])
-
-    def finish(self) -> None:
-        for i, buf in self.bufs.items():
-            _update_diag(self.rms[i], buf)
-        if self.phi is not None:
-            self.rm_full.update(self.phi)
 
 
 def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> dict[str, torch.Tensor]:
@@ -381,14 +231,11 @@ class LDG(Detector):
         self.max_fit_samples = max_fit_samples
         self.seed = seed
         self._key = f"ldg_proj_{id(self):x}"
-        self._clear_cache()
 
-    # ------------------------------------------------------------------ caches
-    def _clear_cache(self) -> None:
-        self._lmap: LayerMap | None = None
-        self._knn_grad: KNNBank | None = None
-        self._knn_feat: KNNBank | None = None
-
+    # ------------------------------------------------------------------ derived state
+    # The layer map and the neighbour banks are rebuilt from fitted state through
+    # ``Detector._memo``: keyed by the adapter (a new model) and the fitted tensors (new on fit,
+    # load and ``to``), so they are rebuilt exactly when those change.
     def load_state_dict(self, state, *, strict: bool = True) -> None:
         super().load_state_dict(state, strict=strict)
         # fresh allocations: BLAS results depend on memory alignment, and loaded tensors may be
@@ -396,28 +243,34 @@ class LDG(Detector):
         for k, v in list(vars(self).items()):
             if k.endswith("_") and not k.startswith("_") and isinstance(v, torch.Tensor):
                 setattr(self, k, v.clone())
-        self._clear_cache()
 
-    def _bind(self, model, adapter=None):
-        if self._model is not None and model is not self._model:
-            self._clear_cache()
-        return super()._bind(model, adapter)
+    def _layer_map_key(self) -> tuple:
+        shapes_ = getattr(self, "sketch_shapes_", None)
+        return (
+            self.adapter,
+            tuple(self.layer_names_),
+            tuple(int(d) for d in self.layer_sizes_),
+            self.method,
+            None if shapes_ is None else tuple(tuple(int(v) for v in t) for t in shapes_),
+            int(self.seed),
+        )
 
     def _layer_map(self) -> LayerMap:
-        if self._lmap is None:
-            slots = slots_from_names(self.adapter, self.layer_names_)
-            if self.method == "sketch":
-                shapes = [SketchShape(*map(int, t)) for t in self.sketch_shapes_]
-                lmap: LayerMap = KroneckerSketch(slots, shapes, seed=int(self.seed))
-            else:
-                lmap = ExactGradients(slots)
-            if [int(d) for d in lmap.dims] != [int(d) for d in self.layer_sizes_]:
-                raise ConfigError(
-                    "the model's layers do not match the fitted LDG state (different parameter sizes); "
-                    "attach the model the detector was fitted on."
-                )
-            self._lmap = lmap
-        return self._lmap
+        return self._memo("layer_map", self._layer_map_key(), self._rebuild_layer_map)
+
+    def _rebuild_layer_map(self) -> LayerMap:
+        slots = slots_from_names(self.adapter, self.layer_names_)
+        if self.method == "sketch":
+            shapes = [SketchShape(*map(int, t)) for t in self.sketch_shapes_]
+            lmap: LayerMap = KroneckerSketch(slots, shapes, seed=int(self.seed))
+        else:
+            lmap = ExactGradients(slots)
+        if [int(d) for d in lmap.dims] != [int(d) for d in self.layer_sizes_]:
+            raise ConfigError(
+                "the model's layers do not match the fitted LDG state (different parameter sizes); "
+                "attach the model the detector was fitted on."
+            )
+        return lmap
 
     # ------------------------------------------------------------------ specs
     def capture_spec(self, adapter, stage):
@@ -433,10 +286,9 @@ class LDG(Detector):
         return self.scoring in ("probe_msp", "probe_energy") or self.subspace == "class_mean"
 
     def _fit(self, stream: FitStream) -> None:  # None: the base calibrates in one extra pass
-        self._clear_cache()
         adapter = stream.adapter
         dev = next(iter(adapter.model.parameters()), torch.empty(0)).device
-        passes = _Pass(stream, self.max_fit_samples)
+        passes = GradPasses(stream, self.max_fit_samples)
         need_labels = self.fit_needs_labels()
         keep_feats = False  # the penultimate bank (ensemble), when the model has a linear head
         labelled = None
@@ -481,7 +333,7 @@ class LDG(Detector):
                     raise InputError(f"labels must be in [0, {num_classes}) for subspace='class_mean'.")
                 onehot = F.one_hot(yl, num_classes).float()
                 ccount += onehot.double().sum(0)
-            acc = _Stats(lmap, rm_full, rms, csum, onehot, bsz)
+            acc = GradStats(lmap, rm_full, rms, csum, onehot, bsz)
             f = lmap.run(adapter, b.x, acc, extra=CaptureSpec(logits=True, penultimate=keep_feats))
             acc.finish()
             fps.append(torch.logsumexp(f["logits"].double().cpu(), dim=1))
@@ -533,7 +385,7 @@ class LDG(Detector):
                 comps = evecs.float()
                 svals = (evals * n).sqrt()
             else:
-                op = _GradOperator(lmap, adapter, passes, mean, inv_std, n, n_local, dev)
+                op = GradOperator(lmap, adapter, passes, mean, inv_std, n, n_local, dev)
                 comps, svals, ylow = randomized_subspace(
                     op, kk, oversample=int(self.oversample), n_iter=int(self.n_iter), seed=int(self.seed), device=dev
                 )
@@ -563,7 +415,7 @@ class LDG(Detector):
         self.singular_values_ = svals.float()
         self.explained_variance_ratio_ = (svals.double() ** 2 / max(n, 1) / n_support).float()
         self.n_zero_variance_ = int(zero.sum())
-        self._lmap = lmap
+        self._memo("layer_map", self._layer_map_key(), lambda: lmap)  # the fit's map (probed call counts)
 
         # ---- the ID bank (exact projections of the fit samples)
         if bank is None:
@@ -632,14 +484,15 @@ class LDG(Detector):
         return feats.require(self._key).float() - self.offset_.to(feats[self._key].device)
 
     def _knn(self, which: str) -> KNNBank:
-        attr = "_knn_grad" if which == "grad" else "_knn_feat"
-        bank = getattr(self, attr)
-        if bank is None:
+        rows = self.bank_ if which == "grad" else self.feature_bank_
+
+        def build() -> KNNBank:
             bank = KNNBank(normalize=True)
-            bank.add(self.bank_ if which == "grad" else self.feature_bank_)
+            bank.add(rows)
             bank.build()
-            setattr(self, attr, bank)
-        return bank
+            return bank
+
+        return self._memo(f"knn_{which}", (rows,), build)
 
     def score_features(self, feats: Features) -> torch.Tensor:
         z = self._glow(feats)

@@ -30,11 +30,7 @@ Projections ``G_l @ V_l`` of layers with one output position per sample (pooled 
 convolutions with 1x1 maps) skip the formation: ``<d a^T, V_k> = d^T V_k a`` is computed as
 ``a @ V.view(out, in, K)`` contracted with ``d``.
 
-Not covered (reported by :func:`resolve_layers`, never silently zero): parameters owned by a
-module that has children (ViT ``cls_token`` / ``pos_embed``, ConvNeXt's block ``gamma``, Swin's
-relative position tables, ``nn.MultiheadAttention``'s packed projections) and parameters of
-modules that never run as modules during the forward pass (e.g. ``MultiheadAttention.out_proj``,
-whose weight is used functionally); BatchNorm without running statistics (it mixes samples).
+Which layers are covered and why others are not: :mod:`.layers`.
 
 Two feature maps share this machinery:
 
@@ -46,38 +42,31 @@ Two feature maps share this machinery:
   vector parameters (biases, norm affines, generic modules) are projected with a dense
   Gaussian matrix. ``E ||sketch||^2 = ||grad||^2``.
 
-Also here: :func:`randomized_subspace`, randomized subspace iteration (Halko, Martinsson &
-Tropp, SIAM Review 2011) on a *streamed* operator that only provides ``A @ P`` and
-``A^T @ Y`` passes, so the ``N x |theta|`` matrix is never materialised; orthonormalisation is
-done with float64 Gram matrices so sample-space Grams can be all-reduced under
-``torch.distributed``.
+The streamed linear algebra that consumes these maps (LDG's subspace) is in :mod:`.subspace`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...adapters import Adapter
-from ...errors import AdapterError, ConfigError, InputError
-from ...runmode import eval_mode
-from ...stats import all_reduce_sum
+from ...errors import AdapterError
 from ...taps import BackwardSpec, CaptureSpec, Features, capture
+from .layers import LayerSlot
 
 __all__ = [
     "ExactGradients",
     "KroneckerSketch",
     "LayerMap",
-    "LayerSlot",
+    "SketchShape",
     "logsumexp_objective",
-    "orthonormalize",
-    "randomized_subspace",
-    "resolve_layers",
+    "plan_sketch",
 ]
 
 #: elements (float32, 512 MB) a layer's per-sample work may hold at once before the batch is
@@ -88,199 +77,6 @@ DEFAULT_CHUNK_ELEMS = 1 << 27
 def logsumexp_objective(logits: torch.Tensor) -> torch.Tensor:
     """``f(x) = log sum_c exp(z_c)`` per sample (LDG's objective; no label involved)."""
     return torch.logsumexp(logits, dim=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# which layers, which parameters
-
-_BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    """Closed-form kind of a module, ``"generic"`` for other leaves, ``None`` if unsupported."""
-    t = type(module)
-    if isinstance(module, nn.Linear) and t.forward is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and t.forward is nn.Conv2d.forward:
-        return "conv"
-    if isinstance(module, nn.Conv1d) and t.forward is nn.Conv1d.forward:
-        return "conv"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if module.running_mean is None or module.running_var is None:
-            return None  # uses batch statistics even in eval mode: samples are not independent
-        if t.forward is _BN_FORWARD:
-            return "batchnorm"
-    if isinstance(module, nn.LayerNorm) and t.forward is nn.LayerNorm.forward:
-        return "layernorm"
-    if isinstance(module, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
-        return "groupnorm"
-    if next(module.children(), None) is None:
-        return "generic"
-    return None
-
-
-@dataclass
-class LayerSlot:
-    """One layer of a gradient map: its parameters' place in the concatenated vector."""
-
-    name: str
-    module: nn.Module
-    kind: str
-    params: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    size: int
-    offset: int = 0
-    calls: int = 1
-
-    def param(self, p: str) -> torch.Tensor:
-        return getattr(self.module, p)
-
-
-def _direct_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None and p.is_floating_point()]
-
-
-def _slot(name: str, module: nn.Module, kind: str) -> LayerSlot:
-    if kind in ("linear", "conv", "batchnorm", "layernorm", "groupnorm"):
-        ps = [(n, getattr(module, n)) for n in ("weight", "bias") if getattr(module, n, None) is not None]
-    else:
-        ps = _direct_params(module)
-    shapes = tuple(tuple(p.shape) for _, p in ps)
-    return LayerSlot(name, module, kind, tuple(n for n, _ in ps), shapes, sum(p.numel() for _, p in ps))
-
-
-@dataclass
-class Resolution:
-    """Result of :func:`resolve_layers`."""
-
-    slots: list[LayerSlot]
-    excluded: dict[str, str] = field(default_factory=dict)  # parameter name -> reason
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.slots]
-
-
-def _probe_calls(adapter: Adapter, x1: torch.Tensor) -> tuple[dict[str, int], dict[str, int]]:
-    """Forward one sample with counting hooks: calls per module and the order of first entry."""
-    calls: dict[str, int] = {}
-    start: dict[str, int] = {}
-    handles = []
-    counter = [0]
-
-    def make(name: str):
-        def pre(module, args):
-            if name not in start:
-                start[name] = counter[0]
-                counter[0] += 1
-            calls[name] = calls.get(name, 0) + 1
-
-        return pre
-
-    model = adapter.model
-    try:
-        for name in adapter.module_names:
-            handles.append(adapter.module(name).register_forward_pre_hook(make(name)))
-        with eval_mode(model), torch.no_grad():
-            model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return calls, start
-
-
-def _param_modules(adapter: Adapter) -> list[str]:
-    return [n for n in adapter.module_names if _direct_params(adapter.module(n))]
-
-
-def resolve_layers(adapter: Adapter, params: str | int | Sequence[str], x1: torch.Tensor) -> Resolution:
-    """Resolve a parameter-set spec to layer slots (in module order).
-
-    ``params``: ``"all"`` (every parameter of the model), ``"head"`` (the linear head), an int
-    ``k`` (the head plus every parameterised module that starts at or after the start of the
-    ``k``-th last candidate block, i.e. the last ``k`` blocks and whatever follows them), or a
-    list of module names (each with all its sub-modules). ``x1`` is one sample for a probe
-    forward pass (which modules run, how often, in which order).
-    """
-    calls, start = _probe_calls(adapter, x1[:1])
-    pmods = _param_modules(adapter)
-    if isinstance(params, str):
-        if params == "all":
-            chosen = pmods
-        elif params == "head":
-            chosen = [adapter.head_name]
-        else:
-            raise ConfigError(
-                f"params={params!r}: use 'all', 'head', an int k (last k blocks) or a list of module names."
-            )
-    elif isinstance(params, int) and not isinstance(params, bool):
-        blocks = adapter.block_names
-        if not 1 <= params <= len(blocks):
-            raise ConfigError(f"params={params}: the model has {len(blocks)} candidate blocks; use 1..{len(blocks)}.")
-        first = start.get(blocks[-params])
-        if first is None:
-            raise AdapterError(f"block {blocks[-params]!r} did not run in the probe forward pass.")
-        inside = tuple(b + "." for b in blocks[-params:])
-        chosen = [n for n in pmods if start.get(n, -1) >= first or n.startswith(inside)]
-    else:
-        prefixes = list(params)
-        if not prefixes:
-            raise ConfigError("params=[] selects no parameters.")
-        for p in prefixes:
-            adapter.module(p)  # raises AdapterError with a "did you mean" for unknown names
-        chosen = [n for n in pmods if any(n == p or n.startswith(p + ".") for p in prefixes)]
-    slots: list[LayerSlot] = []
-    excluded: dict[str, str] = {}
-    for name in chosen:
-        m = adapter.module(name)
-        kind = _layer_kind(m)
-        full = [f"{name}.{p}" for p, _ in _direct_params(m)]
-        if kind is None:
-            why = (
-                "BatchNorm without running statistics mixes samples"
-                if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                else f"parameter owned by a composite module ({type(m).__name__}); its use is not observable per layer"
-            )
-            excluded.update(dict.fromkeys(full, why))
-            continue
-        if calls.get(name, 0) == 0:
-            excluded.update(
-                dict.fromkeys(full, f"{type(m).__name__} never runs as a module (weights used functionally or unused)")
-            )
-            continue
-        s = _slot(name, m, kind)
-        if s.size == 0:
-            continue
-        s.calls = calls[name]
-        slots.append(s)
-    if params == "all":
-        owned = {id(p) for n in pmods for _, p in _direct_params(adapter.module(n))}
-        for pname, p in adapter.model.named_parameters():
-            if id(p) not in owned and p.is_floating_point():
-                excluded[pname] = "owned by the model's root module (e.g. a class token or position embedding)"
-    if not slots:
-        raise ConfigError(f"params={params!r} selects no parameters whose per-sample gradient can be formed.")
-    off = 0
-    for s in slots:
-        s.offset = off
-        off += s.size
-    return Resolution(slots, excluded)
-
-
-def slots_from_names(adapter: Adapter, names: Sequence[str]) -> list[LayerSlot]:
-    """Rebuild slots from saved layer names (no probe pass; call counts default to 1)."""
-    slots = []
-    off = 0
-    for name in names:
-        m = adapter.module(name)
-        kind = _layer_kind(m)
-        if kind is None:
-            raise AdapterError(f"layer {name!r} ({type(m).__name__}) is not supported by the gradient engine.")
-        s = _slot(name, m, kind)
-        s.offset = off
-        off += s.size
-        slots.append(s)
-    return slots
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,159 +586,3 @@ class KroneckerSketch(LayerMap):
         u = u.permute(0, 2, 1, 3).reshape(b, r_o, grp * pos)
         w = w.permute(0, 2, 1, 3).reshape(b, r_i, grp * pos)
         return torch.bmm(u, w.transpose(1, 2))
-
-
-# ---------------------------------------------------------------------------------------------
-# streamed linear algebra
-
-
-def orthonormalize(
-    p: torch.Tensor, *, rows_distributed: bool = False, rounds: int = 2, rtol: float = 1e-10, chunk: int = 4096
-) -> torch.Tensor:
-    """Orthonormal basis of the columns of ``p`` ``[n, l]`` via Gram eigendecompositions.
-
-    ``p <- p U diag(lambda^-1/2)`` (repeated ``rounds`` times: the second round restores
-    orthogonality to working precision); directions with ``lambda <= rtol * lambda_max`` are
-    dropped, so the result may have fewer columns. The Gram matrix is accumulated in float64
-    from GEMMs over row chunks of ``chunk`` rows (in ``p``'s dtype), and ``p`` is updated in
-    place when no column is dropped. With ``rows_distributed`` the rows are shards on several
-    ranks and the Gram matrix is all-reduced.
-    """
-    for _ in range(rounds):
-        l_ = p.shape[1]
-        gram = torch.zeros(l_, l_, dtype=torch.float64, device=p.device)
-        for r in range(0, p.shape[0], chunk):
-            blk = p[r : r + chunk]
-            gram += (blk.T @ blk).double()
-        if rows_distributed:
-            all_reduce_sum(gram)
-        evals, evecs = torch.linalg.eigh(gram)
-        keep = evals > max(float(evals[-1]), 0.0) * rtol
-        if not bool(keep.any()):
-            return p[:, :0]
-        t = (evecs[:, keep] * evals[keep].rsqrt()[None, :]).flip(1)  # largest first
-        out = p if t.shape[1] == l_ else torch.empty(p.shape[0], t.shape[1], dtype=p.dtype, device=p.device)
-        tt = t.to(p.dtype)
-        step = max(chunk, 1 << 16)
-        for r in range(0, p.shape[0], step):
-            out[r : r + step] = p[r : r + step] @ tt
-        p = out
-    return p
-
-
-class StreamedOperator:
-    """Interface of :func:`randomized_subspace`: a matrix ``A`` ``[n, dim]`` seen in passes.
-
-    ``matmat(P)`` returns ``A @ P`` ``[n, l]`` (rows local to this rank; ``P`` must be left
-    unchanged); ``rmatmat(Y, out)`` writes ``A^T @ Y`` into ``out`` ``[dim, l]`` (summed over
-    ranks).
-    """
-
-    dim: int
-    n: int
-    #: rows of ``A`` held by this rank under torch.distributed (default: all ``n``)
-    n_local: int | None = None
-    #: upper bound on rank(A) (default ``min(n, dim)``; e.g. ``n - 1`` for centred rows)
-    max_rank: int | None = None
-    rows_distributed: bool = False
-    #: optional bool mask [dim]: columns of A that can be non-zero (others are exactly zero)
-    support: torch.Tensor | None = None
-
-    def matmat(self, p: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-class DenseOperator(StreamedOperator):
-    """A dense matrix streamed in row blocks (tests and small problems)."""
-
-    def __init__(self, a: torch.Tensor, block: int = 64) -> None:
-        self.a = a
-        self.dim = a.shape[1]
-        self.n = a.shape[0]
-        self.block = block
-        self.passes = 0
-
-    def matmat(self, p: torch.Tensor) -> torch.Tensor:
-        self.passes += 1
-        return torch.cat([self.a[r : r + self.block] @ p for r in range(0, self.n, self.block)])
-
-    def rmatmat(self, y: torch.Tensor, out: torch.Tensor) -> None:
-        self.passes += 1
-        out.zero_()
-        for r in range(0, self.n, self.block):
-            out += self.a[r : r + self.block].T @ y[r : r + self.block].to(out.dtype)
-
-
-def randomized_subspace(
-    op: StreamedOperator,
-    k: int,
-    *,
-    oversample: int = 10,
-    n_iter: int = 3,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``k`` right singular vectors of a streamed ``A`` by randomized subspace iteration.
-
-    ``P_0 = Gaussian [dim, l]`` with ``l = min(k + oversample, rank bound)``, ``Y = A P_0``; then
-    ``n_iter`` times ``P = orth(A^T orth(Y))``, ``Y = A P``; finally Rayleigh-Ritz on
-    ``Y = A P``: ``Y^T Y = W S^2 W^T``, ``V = P W``. Passes over the data: ``2 * n_iter + 1``.
-    When ``l`` reaches the rank bound (few samples), one ``A^T`` pass from a random
-    sample-space block spans the whole row space and the result is exact in 2 passes. Halko,
-    Martinsson & Tropp, SIAM Review 53(2), 2011, Alg. 4.4 with Gram-based orthonormalisation.
-
-    Returns ``(V [dim, k], s [k], A V [n, k])``; if ``A`` has rank ``r < k`` the last ``k - r``
-    columns are zero (and their singular values 0).
-    """
-    if k < 1:
-        raise ConfigError(f"need at least one component, got k={k}")
-    rank = min(op.n, op.dim) if op.max_rank is None else op.max_rank
-    if k > min(op.n, op.dim):
-        raise InputError(f"cannot extract {k} components from {op.n} samples of dimension {op.dim}.")
-    l_ = max(1, min(k + max(int(oversample), 0), rank))
-    g = torch.Generator().manual_seed(int(seed))
-    step = 1 << 16
-    if l_ >= rank:
-        # l covers the whole row space: one A^T pass from any full-rank sample-space block spans
-        # range(A^T) exactly, so a single iteration is exact (no parameter-space Gaussian).
-        rank_id = torch.distributed.get_rank() if op.rows_distributed else 0
-        g.manual_seed(int(seed) + 7919 * rank_id)
-        y = torch.randn(op.n_local if op.n_local is not None else op.n, l_, generator=g, dtype=torch.float64)
-        n_iter = 1
-        p = torch.empty(op.dim, l_, dtype=dtype, device=device)
-    else:
-        p = torch.empty(op.dim, l_, dtype=dtype, device=device)
-        for r in range(0, op.dim, step):
-            p[r : r + step] = torch.randn(min(step, op.dim - r), l_, generator=g).to(dtype)
-        if op.support is not None:
-            p[~op.support.to(p.device)] = 0
-        if int(n_iter) == 0:
-            p = orthonormalize(p)  # otherwise only its span matters: it is re-orthonormalised below
-        y = op.matmat(p).double()
-    for _ in range(int(n_iter)):
-        q = orthonormalize(y, rows_distributed=op.rows_distributed)
-        if q.shape[1] < p.shape[1]:
-            p = torch.empty(op.dim, q.shape[1], dtype=dtype, device=p.device)
-        op.rmatmat(q.to(dtype), p)
-        p = orthonormalize(p)
-        y = op.matmat(p).double()
-    gram = y.T @ y
-    if op.rows_distributed:
-        all_reduce_sum(gram)
-    evals, w = torch.linalg.eigh(gram)
-    evals, w = evals.flip(0).clamp_min(0), w.flip(1)
-    r = min(k, w.shape[1])
-    v = torch.zeros(op.dim, k, dtype=dtype, device=device)
-    wk = w[:, :r]
-    wk32 = wk.to(dtype=dtype, device=p.device)
-    for s0 in range(0, op.dim, step):
-        v[s0 : s0 + step, :r] = p[s0 : s0 + step] @ wk32
-    ylow = torch.zeros(y.shape[0], k, dtype=torch.float64)
-    ylow[:, :r] = y @ wk.to(y.device)
-    s = torch.zeros(k, dtype=torch.float64)
-    s[:r] = evals[:r].sqrt()
-    return v, s, ylow
