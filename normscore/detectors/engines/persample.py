@@ -313,10 +313,10 @@ class LayerMap:
         for r0 in range(0, b, step):
             yield r0, self._features(i, a[r0 : r0 + step], g[r0 : r0 + step])
 
-    def backward_spec(self, consumer: Consumer) -> BackwardSpec:
-        """A fresh :class:`BackwardSpec` feeding ``consumer`` (one per capture call: the batch
-        size is recorded by the objective in a cell private to this spec, so concurrent calls
-        do not share state)."""
+    def _spec(self, layer_callback: Callable[[int, torch.Tensor, torch.Tensor, int], dict]) -> BackwardSpec:
+        """A fresh :class:`BackwardSpec` calling ``layer_callback(i, a, g, batch)`` for every call
+        of slot ``i``. The batch size is recorded by the objective in a cell private to this spec
+        (one spec per capture call), so concurrent calls do not share state."""
         cell = [0]
 
         def objective(logits: torch.Tensor) -> torch.Tensor:
@@ -325,16 +325,25 @@ class LayerMap:
 
         def make(i: int):
             def cb(module, a, g):
-                out: dict[str, list[torch.Tensor]] = {}
-                for r0, feats in self.features(i, a, g, cell[0]):
-                    res = consumer(i, r0, feats)
-                    for k, v in (res or {}).items():
-                        out.setdefault(k, []).append(v)
-                return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+                return layer_callback(i, a, g, cell[0])
 
             return cb
 
         return BackwardSpec(objective=objective, layers={s.name: make(i) for i, s in enumerate(self.slots)})
+
+    def backward_spec(self, consumer: Consumer) -> BackwardSpec:
+        """A fresh :class:`BackwardSpec` feeding ``consumer`` and concatenating the per-sample
+        dicts it returns."""
+
+        def per_layer(i: int, a: torch.Tensor, g: torch.Tensor, batch: int) -> dict:
+            out: dict[str, list[torch.Tensor]] = {}
+            for r0, feats in self.features(i, a, g, batch):
+                res = consumer(i, r0, feats)
+                for k, v in (res or {}).items():
+                    out.setdefault(k, []).append(v)
+            return {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+
+        return self._spec(per_layer)
 
     def run(
         self, adapter: Adapter, x: torch.Tensor, consumer: Consumer, *, extra: CaptureSpec | None = None
@@ -348,19 +357,7 @@ class LayerMap:
     def projection_spec(self, weights: torch.Tensor, key: str) -> BackwardSpec:
         """A fresh :class:`BackwardSpec` whose features ``key`` are ``phi(x) @ weights`` ``[B, K]``."""
         views = [weights[o : o + d] for o, d in zip(self.offsets, self.dims)]
-        cell = [0]
-
-        def objective(logits: torch.Tensor) -> torch.Tensor:
-            cell[0] = int(logits.shape[0])
-            return self.objective(logits)
-
-        def make(i: int):
-            def cb(module, a, g):
-                return {key: self._project(i, a, g, views[i], cell[0])}
-
-            return cb
-
-        return BackwardSpec(objective=objective, layers={s.name: make(i) for i, s in enumerate(self.slots)})
+        return self._spec(lambda i, a, g, batch: {key: self._project(i, a, g, views[i], batch)})
 
     def _project(self, i: int, a: torch.Tensor, g: torch.Tensor, w: torch.Tensor, batch: int) -> torch.Tensor:
         parts = [feats.to(w.dtype) @ w for _, feats in self.features(i, a, g, batch)]
