@@ -19,8 +19,9 @@ Guarantees (tested):
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ __all__ = [
     "feature_shape",
     "get_view",
     "parse_key",
+    "penultimate_with_grad",
     "prepare_input",
     "reduce_block",
     "reduction_names",
@@ -585,3 +587,24 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     except Exception as e:  # noqa: BLE001 - re-raised with context at the API boundary
         raise model_failure(model, x, e) from e
     return model_output_tensor(out)
+
+
+@contextlib.contextmanager
+def penultimate_with_grad(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the input of ``head`` (the adapter's linear head, flattened to ``[B, D]``) on
+    every forward, **with** its autograd graph, under key ``"z"``; the hook is removed on exit
+    (also on exceptions).
+
+    For training loops (:mod:`normscore.finetune`): unlike :func:`capture` (eval mode, no grad,
+    for scoring), it leaves the model's mode alone and keeps the graph.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        store["z"] = args[0].flatten(1)
+
+    handle = head.register_forward_pre_hook(pre)
+    try:
+        yield store
+    finally:
+        handle.remove()

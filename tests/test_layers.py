@@ -410,3 +410,22 @@ def test_detector_families_make_no_distributed_calls():
         for hit in dist_calls(p.read_text())
     ]
     assert not bad, "\n".join(bad)
+
+
+#: the one place that knows model structure and attaches hooks (timm's ``_features.py`` role)
+HOOK_OWNERS = {"normscore.adapters", "normscore.taps"}
+_HOOK_CALL = re.compile(r"\.register_(forward_pre_hook|forward_hook|full_backward_hook|backward_hook)\(")
+
+
+def test_only_the_adapter_and_taps_attach_hooks():
+    """Hooks on the user's model are attached in one place: the adapter's probe and the taps'
+    captures (issue 13, item 7). Engines, detectors, bench and finetune ask them."""
+    bad = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for m, p in _modules().items()
+        if m not in HOOK_OWNERS
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if _HOOK_CALL.search(line)
+    ]
+    assert not bad, "\n".join(bad)
+    assert _HOOK_CALL.search("h = m.register_forward_pre_hook(fn)")

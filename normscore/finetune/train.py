@@ -36,8 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -49,6 +48,7 @@ from ..adapters import get_adapter, model_output_tensor
 from ..errors import ConfigError, FormatError, InputError
 from ..files import atomic_write
 from ..progress import progress_bar
+from ..taps import penultimate_with_grad
 from .bn import make_bn_non_affine
 from .losses import (
     ProjectionHead,
@@ -234,25 +234,6 @@ class FinetuneResult:
 
 # ---------------------------------------------------------------------------------------------
 # pieces (public so that tests and custom loops can use them)
-
-
-@contextmanager
-def penultimate_with_grad(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the input of ``head`` (flattened to ``[B, D]``) on every forward, **with** its
-    autograd graph, under key ``"z"``. The hook is removed on exit (also on exceptions).
-
-    Unlike :func:`normscore.capture` (eval mode, no grad, for scoring), this is for training.
-    """
-    store: dict[str, torch.Tensor] = {}
-
-    def pre(module: nn.Module, args: tuple) -> None:
-        store["z"] = args[0].flatten(1)
-
-    handle = head.register_forward_pre_hook(pre)
-    try:
-        yield store
-    finally:
-        handle.remove()
 
 
 def method_loss(
