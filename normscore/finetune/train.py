@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -47,8 +47,8 @@ from torch import nn
 from ..adapters import get_adapter, model_output_tensor
 from ..errors import ConfigError, FormatError, InputError
 from ..files import atomic_write
-from ..progress import progress_bar
 from ..taps import penultimate_with_grad
+from ..tools.trainer import augment_batch, train_steps
 from .bn import make_bn_non_affine
 from .losses import (
     ProjectionHead,
@@ -290,24 +290,6 @@ def _seed(seed: int, epoch: int, stream: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7919 + int(stream)) % (2**63 - 1)
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, shift: int = 2, flip: bool = True) -> torch.Tensor:
-    """Per-sample random translation by up to ``shift`` px (zero padding) and horizontal flip."""
-    b, c, h, w = x.shape
-    if flip:
-        f = (torch.rand(b, generator=g) < 0.5).to(x.device)
-        x = torch.where(f[:, None, None, None], x.flip(-1), x)
-    if shift > 0:
-        xp = F.pad(x, (shift, shift, shift, shift))
-        dy = torch.randint(0, 2 * shift + 1, (b,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * shift + 1, (b,), generator=g).to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        x = xp[bi, ci, rows, cols]
-    return x
-
-
 def _as_tensors(data: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [N, C, H, W] float, y [N] long)`` from a dataset or a pair of tensors."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -494,8 +476,68 @@ def finetune(
 
     # ------------------------------------------------------------------ train
     t0 = time.time()
-    bar = progress_bar(total=total_steps, desc=f"finetune {cfg.method}", enabled=progress, unit="step")
-    bar.update(step)
+    aug = {"g": None}  # the current epoch's augmentation generator (saved in checkpoints)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        nonlocal aug_state, sums
+        epoch, k0 = divmod(step, steps_per_epoch)
+        while epoch < cfg.epochs:
+            perm = torch.randperm(n_id, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 0)))
+            operm = None
+            if xo is not None:
+                go = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1))
+                reps = -(-steps_per_epoch * obs // xo.shape[0])
+                operm = torch.cat([torch.randperm(xo.shape[0], generator=go) for _ in range(reps)])
+            g_aug = aug["g"] = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 2))
+            if k0 == 0:
+                torch.manual_seed(_seed(cfg.seed, epoch, 3))
+                sums = {}
+            elif aug_state is not None:
+                g_aug.set_state(aug_state.cpu())
+            aug_state = None
+            for k in range(k0, steps_per_epoch):
+                idx = perm[k * bs : (k + 1) * bs]
+                x, y = xs[idx].to(dev), ys[idx].to(dev)
+                if operm is not None and xo is not None:
+                    x = torch.cat([x, xo[operm[k * obs : (k + 1) * obs]].to(dev)])
+                if cfg.augment:
+                    x = augment_batch(x, g_aug, cfg.augment_shift, cfg.augment_flip)
+                yield x, y
+            epoch, k0 = epoch + 1, 0
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        store.clear()
+        logits = model_output_tensor(model(x))
+        if "z" not in store:
+            raise InputError(f"the head {adapter.head_name!r} did not run in the forward pass.")
+        feat_on = cfg.uses_features and step // steps_per_epoch >= cfg.start_epoch_features
+        return method_loss(
+            cfg,
+            logits,
+            store["z"],
+            y,
+            prior=prior,
+            projection=projection,
+            head_weight=getattr(head, "weight", None),
+            feature_losses=feat_on,
+        )
+
+    def on_step(done: int, values: dict[str, float]) -> None:
+        nonlocal step, sums
+        step = done
+        epoch = (step - 1) // steps_per_epoch
+        for key, v in values.items():
+            sums[key] = sums.get(key, 0.0) + v
+        sums["n"] = sums.get("n", 0.0) + 1
+        if step % steps_per_epoch == 0:
+            n_steps = sums.pop("n")
+            history.append({"epoch": epoch, "lr": lr_at(step - 1), **{k_: v / n_steps for k_, v in sums.items()}})
+            sums = {}
+        if step % steps_per_epoch == 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save_checkpoint(aug["g"])
+        if callback is not None:
+            callback({"step": step, "epoch": epoch, "losses": values})
+
     model.train()
     if projection is not None:
         projection.train()
@@ -506,71 +548,18 @@ def finetune(
                 torch.set_rng_state(rng_state[0].cpu())
                 if cuda and rng_state[1] is not None:
                     torch.cuda.set_rng_state(rng_state[1].cpu(), dev)
-            while step < total_steps:
-                epoch, k0 = divmod(step, steps_per_epoch)
-                perm = torch.randperm(n_id, generator=torch.Generator().manual_seed(_seed(cfg.seed, epoch, 0)))
-                operm = None
-                if xo is not None:
-                    go = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 1))
-                    reps = -(-steps_per_epoch * obs // xo.shape[0])
-                    operm = torch.cat([torch.randperm(xo.shape[0], generator=go) for _ in range(reps)])
-                g_aug = torch.Generator().manual_seed(_seed(cfg.seed, epoch, 2))
-                if k0 == 0:
-                    torch.manual_seed(_seed(cfg.seed, epoch, 3))
-                    sums = {}
-                elif aug_state is not None:
-                    g_aug.set_state(aug_state.cpu())
-                aug_state = None
-                feat_on = cfg.uses_features and epoch >= cfg.start_epoch_features
-                for k in range(k0, steps_per_epoch):
-                    idx = perm[k * bs : (k + 1) * bs]
-                    x, y = xs[idx].to(dev), ys[idx].to(dev)
-                    if operm is not None and xo is not None:
-                        x = torch.cat([x, xo[operm[k * obs : (k + 1) * obs]].to(dev)])
-                    if cfg.augment:
-                        x = augment_batch(x, g_aug, cfg.augment_shift, cfg.augment_flip)
-                    for gr in opt.param_groups:
-                        gr["lr"] = lr_at(step)
-                    store.clear()
-                    logits = model_output_tensor(model(x))
-                    if "z" not in store:
-                        raise InputError(f"the head {adapter.head_name!r} did not run in the forward pass.")
-                    loss, values = method_loss(
-                        cfg,
-                        logits,
-                        store["z"],
-                        y,
-                        prior=prior,
-                        projection=projection,
-                        head_weight=getattr(head, "weight", None),
-                        feature_losses=feat_on,
-                    )
-                    if not math.isfinite(values["total"]):
-                        raise FloatingPointError(
-                            f"the loss became {values['total']} at step {step}; lower the learning rate."
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    for key, v in values.items():
-                        sums[key] = sums.get(key, 0.0) + v
-                    sums["n"] = sums.get("n", 0.0) + 1
-                    if step % steps_per_epoch == 0:
-                        n_steps = sums.pop("n")
-                        history.append(
-                            {"epoch": epoch, "lr": lr_at(step - 1), **{k_: v / n_steps for k_, v in sums.items()}}
-                        )
-                        sums = {}
-                    bar.update(1)
-                    bar.set_postfix_str(f"ep {epoch} loss {values['total']:.3f}")
-                    if step % steps_per_epoch == 0 or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                        save_checkpoint(g_aug)
-                    if callback is not None:
-                        callback({"step": step, "epoch": epoch, "losses": values})
+            train_steps(
+                opt,
+                batches(),
+                loss_fn,
+                lr_at=lr_at,
+                total_steps=total_steps,
+                start_step=step,
+                desc=f"finetune {cfg.method}",
+                progress=progress,
+                on_step=on_step,
+            )
     finally:
-        bar.close()
-        opt.zero_grad(set_to_none=True)
         model.eval()
         if projection is not None:
             projection.eval()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ from torch import nn
 from ..progress import progress_bar
 from ..runmode import eval_mode
 
-__all__ = ["deterministic_training", "evaluate_accuracy", "train_classifier"]
+__all__ = ["augment_batch", "deterministic_training", "evaluate_accuracy", "train_classifier", "train_steps"]
 
 
 @contextlib.contextmanager
@@ -78,29 +78,73 @@ def train_classifier(
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     steps = max(1, epochs * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, warmup))
-    bar = progress_bar(total=steps, desc="train", enabled=progress, unit="step")
+    factor = _warmup_cosine(steps, warmup)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(epochs):
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                yield (augment_batch(x, g) if augment else x), y
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss, {"total": float(loss.item())}
+
     with contextlib.ExitStack() as stack:
         dev = torch.device(device)  # random layers (dropout, drop-path) draw from a forked, seeded RNG
         stack.enter_context(torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []))
         torch.manual_seed(seed)
         if deterministic:
             stack.enter_context(deterministic_training(device))
-        stack.callback(bar.close)
-        for _ in range(epochs):
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                if augment:
-                    x = _augment(x, g)
-                loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss.item():.3f}")
-    opt.zero_grad(set_to_none=True)
+        train_steps(opt, batches(), loss_fn, lr_at=lambda k: lr * factor(k), total_steps=steps, progress=progress)
     return model.eval()
+
+
+def train_steps(
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    *,
+    lr_at: Callable[[int], float],
+    total_steps: int,
+    start_step: int = 0,
+    desc: str = "train",
+    progress: bool | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> int:
+    """The one optimisation loop of normscore (the bench's classifier training above and
+    :func:`normscore.finetune.finetune`): for every ``(x, y)`` of ``batches``, set the learning
+    rate ``lr_at(step)``, ``loss, values = loss_fn(x, y)`` (``values["total"]`` is the loss as a
+    float), stop with a clear error if it is not finite, then ``zero_grad``, ``backward`` and
+    ``step``; after each step ``on_step(step, values)`` with the number of steps done.
+
+    The caller owns everything random (``batches`` draws its order and augmentation from its own
+    generators) and the model's mode. Returns the number of steps done; the gradients are
+    cleared on exit (also on an exception).
+    """
+    step = int(start_step)
+    bar = progress_bar(total=total_steps, desc=desc, enabled=progress, unit="step")
+    bar.update(step)
+    try:
+        for x, y in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss, values = loss_fn(x, y)
+            total = values["total"]
+            if not math.isfinite(total):
+                raise FloatingPointError(f"the loss became {total} at step {step}; lower the learning rate.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {total:.3f}")
+            if on_step is not None:
+                on_step(step, values)
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def _warmup_cosine(steps: int, warmup: float):
@@ -114,19 +158,23 @@ def _warmup_cosine(steps: int, warmup: float):
     return factor
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Per-sample horizontal flip and random crop of the zero-padded image (drawn from ``g``)."""
+def augment_batch(x: torch.Tensor, g: torch.Generator, shift: int = 2, flip: bool = True) -> torch.Tensor:
+    """Per-sample horizontal flip and random translation by up to ``shift`` px (a crop of the
+    zero-padded image), drawn from ``g`` (flips first, then the vertical and horizontal offsets)."""
     b, c, h, w = x.shape
-    flip = (torch.rand(b, generator=g) < 0.5).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
-    padded = nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chans = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+    if flip:
+        f = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        x = torch.where(f[:, None, None, None], x.flip(-1), x)
+    if shift > 0:
+        dy = torch.randint(0, 2 * shift + 1, (b,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * shift + 1, (b,), generator=g).to(x.device)
+        padded = nn.functional.pad(x, (shift, shift, shift, shift))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(b, device=x.device)[:, None, None, None]
+        chans = torch.arange(c, device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    return x
 
 
 @torch.no_grad()
