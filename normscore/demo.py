@@ -1,9 +1,9 @@
-"""``python -m normscore.demo``: the short real demo. The code lives in :mod:`normscore.tools.demo`;
+"""``python -m normscore.demo``: the short real demo. The code lives in :mod:`normscore.bench.demo`;
 this documented path runs it, and imported it is the same module object (aliased)."""
 
 import sys
 
-from .tools import demo
+from .bench import demo
 
 if __name__ == "__main__":
     raise SystemExit(demo.main())

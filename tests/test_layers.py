@@ -48,9 +48,9 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("detectors", ("normscore.detectors",)),
     ("public api", ("normscore", "normscore.pipeline")),
-    ("tools", ("normscore.tools", "normscore.models", "normscore.training", "normscore.demo")),
+    ("tools", ("normscore.tools", "normscore.models", "normscore.training")),
     ("data", ("normscore.data",)),
-    ("bench / finetune", ("normscore.bench", "normscore.finetune")),
+    ("bench / finetune", ("normscore.bench", "normscore.finetune", "normscore.demo")),
 )
 
 #: function-local imports that close a cycle: (importer, imported) -> why it is there. None left:

@@ -73,3 +73,17 @@ def test_real_model_fit_predict_and_features(real):
     assert det.predict(ood).float().mean() > 0.5
     feats = normscore.capture(normscore.get_adapter(model), x[:2], normscore.CaptureSpec(penultimate=True))
     assert feats["penultimate"].shape == (2, 1280)
+
+
+def test_demo_sets_come_from_the_registry_preprocessed_for_the_model(real):
+    """``python -m normscore.demo`` reads its five sets from the data registry, in the model's
+    evaluation format (224 px, ImageNet normalisation), with the ID test photos held out."""
+    from normscore.bench.demo import SETS, demo_sets
+
+    data = demo_sets(real[0], scale=0.05)
+    assert list(data) == [name for name, _, _ in SETS]
+    roles = {name: role for name, role, _ in SETS}
+    assert [roles[n] for n in data][:2] == ["fit", "id"]  # fit and ID test: different photos
+    for name, x in data.items():
+        assert x.shape[1:] == (3, 224, 224) and x.shape[0] >= 2, name
+        assert x.min() < 0, name  # normalised with ImageNet mean/std, not raw [0, 1]
