@@ -12,6 +12,7 @@ from ..adapters import Adapter
 from ..errors import ConfigError
 from ..stream import FitStream
 from ..taps import CaptureSpec, Features
+from . import sync
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
 from .fitting import fit_detectors
@@ -136,11 +137,16 @@ class Fusion(Detector):
             d._bind(stream.adapter.model, stream.adapter)
         fit_detectors(dets, stream)
         spec = self.capture_spec(stream.adapter, "score")
-        parts = list(stream.features(spec, split="calibration"))
-        if not parts:
+        held = Features.cat(list(stream.features(spec, split="calibration")))
+        if held.batch_size:
+            local = torch.stack([d.score_features(held).double().cpu() for d in dets]).T  # [n, M]
+            pos = held["index"].cpu()
+        else:  # a rank may hold no held-out sample (e.g. every 10th sample lands on another rank)
+            local, pos = torch.zeros(0, len(dets), dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        (scores,) = sync.gather_in_order(pos, local)  # every rank's held-out scores, in sample order
+        scores = scores.T.contiguous()  # [M, N]
+        if scores.shape[1] == 0:
             raise ConfigError("no held-out calibration samples; use more fit data or a larger calibration share.")
-        held = Features.cat(parts)
-        scores = torch.stack([d.score_features(held).double().cpu() for d in dets])  # [M, N]
         if self.method == "ecdf":
             q = torch.linspace(0, 1, min(self.reference_size, scores.shape[1]), dtype=torch.float64)
             self.reference_ = torch.quantile(scores, q, dim=1).T.contiguous().float()  # [M, R]
