@@ -228,6 +228,7 @@ def test_a_file_without_fingerprint_still_loads(tmp_path):
 
 
 SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react", "rmds", "she", "vim"}
+SHAPE_ERRORS |= {"gmm", "mahalanobis_odin", "mahalanobis_pp", "multi_mahalanobis", "residual", "rmds_pp"}
 
 
 @pytest.fixture(scope="module")
