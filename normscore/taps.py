@@ -65,13 +65,17 @@ class BackwardSpec:
     independent, so the gradient of the sum gives exact per-sample gradients).
     ``layers`` maps a module name to a callback ``fn(module, layer_input, grad_output) ->
     dict[str, Tensor]`` of per-sample tensors; results with the same key are summed over
-    layers. ``input_grad`` also stores the gradient with respect to the input.
+    layers. ``input_grad`` also stores the gradient with respect to the input. ``on`` says what
+    the objective receives: ``"logits"`` (the model output) or ``"penultimate"`` (the head's
+    input ``[B, D]``, still attached to the graph: objectives on the features, e.g. a
+    Mahalanobis distance).
     """
 
     objective: Callable[[torch.Tensor], torch.Tensor]
     layers: Mapping[str, Callable] = field(default_factory=dict)
     input_grad: bool = False
     key: str = "default"  # identifies the objective when specs are merged
+    on: str = "logits"
 
 
 #: block name that stands for every candidate block of the adapter (expanded in :func:`capture`,
@@ -436,7 +440,10 @@ def capture(
     bw = spec.backward
     need_grad = bw is not None
 
-    head_name = adapter.head_name if spec.needs_head else None
+    grad_on_head = bw is not None and bw.on == "penultimate"
+    if bw is not None and bw.on not in ("logits", "penultimate"):
+        raise ValueError(f"BackwardSpec.on must be 'logits' or 'penultimate', got {bw.on!r}")
+    head_name = adapter.head_name if spec.needs_head or grad_on_head else None
     block_pairs = _expand_blocks(adapter, spec.blocks)
     blocks_by_name: dict[str, list[str]] = {}
     for name, red in block_pairs:
@@ -494,7 +501,9 @@ def capture(
                     xin = x.detach().requires_grad_(True)
                     with torch.enable_grad():
                         out = _forward(model, xin)
-                        obj = bw.objective(out)
+                        if grad_on_head and "penultimate" not in store:
+                            raise AdapterError(f"the head {head_name!r} did not run during the forward pass")
+                        obj = bw.objective(store["penultimate"] if grad_on_head else out)
                         if obj.ndim != 1 or obj.shape[0] != x.shape[0]:
                             raise ValueError("backward objective must return one scalar per sample")
                         (gx,) = torch.autograd.grad(obj.sum(), xin)
@@ -516,6 +525,8 @@ def capture(
         if "penultimate" not in store:
             raise AdapterError(f"the head {head_name!r} did not run during the forward pass")
         feats["penultimate"] = store.pop("penultimate").detach().float()
+    else:
+        store.pop("penultimate", None)  # captured only for a backward objective on the features
     for name, red in block_pairs:
         k = block_key(name, red)
         if k not in store:
