@@ -69,7 +69,7 @@ def test_cfood_matches_openood(setup, k):
 
 
 def test_cfood_alpha_subsamples_the_reference_set_independently_of_batching(setup):
-    model, loader, xt, hf, ht = setup
+    model, loader, xt, _hf, _ht = setup
     a = normscore.create("cfood", alpha=0.5).fit(model, loader, calibration=0.0)
     b = normscore.create("cfood", alpha=0.5).fit(model, [torch.cat(loader)], calibration=0.0)
     assert 100 < a.bank_.shape[0] < 200
