@@ -228,7 +228,7 @@ def test_a_file_without_fingerprint_still_loads(tmp_path):
 
 
 SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react", "rmds", "she", "vim"}
-SHAPE_ERRORS |= {"cfood", "neco", "nci", "vra"}  # issue 14: fitted on the penultimate/logit widths
+SHAPE_ERRORS |= {"adascale", "cfood", "neco", "nci", "vra"}  # issue 14: fitted on the penultimate/logit widths
 
 
 @pytest.fixture(scope="module")
