@@ -19,7 +19,7 @@ class LTS(Detector):
 
     With ``r = ReLU(h)``, ``s1 = sum(r)``, ``s2`` the sum of the ``K = D - round(D p / 100)``
     largest entries of ``r`` (at least 1), the score is ``logsumexp(S (W h + b))``. Djurisic,
-    Bozanic, Ashok & Liu, "Logit Scaling for Out-of-Distribution Detection", Machine Vision and
+    Liu & Nikolić, "Logit Scaling for Out-of-Distribution Detection", Machine Vision and
     Applications 2025, arXiv:2409.01175 (official code github andrijazz/lts, function ``lts``).
 
     Default ``p = 95`` is pytorch-ood 0.4's ``LTS(p=0.05)`` (p there is the kept *fraction*,
@@ -30,7 +30,7 @@ class LTS(Detector):
     """
 
     name = "lts"
-    paper = "Djurisic, Bozanic, Ashok & Liu, Machine Vision and Applications 2025, arXiv:2409.01175"
+    paper = "Djurisic, Liu & Nikolić, Machine Vision and Applications 2025, arXiv:2409.01175"
     formula = "logsumexp(S z), S = (sum ReLU(h) / sum of top-(100-p)% of ReLU(h))^2"
     constraints = {"percentile": Interval(0.0, 100.0, closed="left")}
     search_space = {"percentile": [65, 70, 75, 80, 85, 95]}

@@ -32,7 +32,7 @@ def _column_quantiles(s: torch.Tensor, q: float) -> torch.Tensor:
 class VRA(Detector):
     """VRA: ``logsumexp(W clip(h, lo, hi) + b)`` with ``lo`` / ``hi`` percentiles of ID activations.
 
-    Xu, Lian, Wang, Chen & Tao, "VRA: Variational Rectified Activation for Out-of-distribution
+    Xu, Lian, Liu & Tao, "VRA: Variational Rectified Activation for Out-of-distribution
     Detection", NeurIPS 2023, arXiv:2302.11716. Both peers implement the two-sided clip
     ``clip(h, lo, hi)`` (the paper's full VRA also zeroes activations below ``lo`` and adds an
     offset in between; no peer does, and neither does this class).
@@ -53,7 +53,7 @@ class VRA(Detector):
     """
 
     name = "vra"
-    paper = "Xu, Lian, Wang, Chen & Tao, NeurIPS 2023, arXiv:2302.11716"
+    paper = "Xu, Lian, Liu & Tao, NeurIPS 2023, arXiv:2302.11716"
     formula = "logsumexp(W clip(h, lo, hi) + b), lo/hi = ID percentiles (per unit or global)"
     needs_fit = True
     constraints = {
