@@ -230,6 +230,7 @@ def test_a_file_without_fingerprint_still_loads(tmp_path):
 SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react", "rmds", "she", "vim"}
 SHAPE_ERRORS |= {"openmax", "pnml", "relation", "weiper", "grood"}  # issue 14 (h_head)
 SHAPE_ERRORS |= {"gmm", "mahalanobis_odin", "mahalanobis_pp", "multi_mahalanobis", "residual", "rmds_pp"}
+SHAPE_ERRORS |= {"adascale", "cfood", "neco", "nci", "vra"}  # issue 14: fitted on the penultimate/logit widths
 
 
 @pytest.fixture(scope="module")
