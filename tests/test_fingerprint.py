@@ -228,6 +228,7 @@ def test_a_file_without_fingerprint_still_loads(tmp_path):
 
 
 SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react", "rmds", "she", "vim"}
+SHAPE_ERRORS |= {"gram", "nac"}  # issue 14 (h_multi): fitted per-class / per-neuron state of the logits width
 
 
 @pytest.fixture(scope="module")
