@@ -48,7 +48,7 @@ def test_parity_with_pytorch_ood(model, hp):
 def test_states_equal_a_float64_reference(model):
     """``sigmoid(alpha * mean_pos(z * dKL/dz))`` from a float64 copy of the model and autograd."""
     det = normscore.create("nac").fit(model, LOADER, calibration=0.0)
-    feats = normscore.capture(det.adapter, X[:8], det.capture_spec(det.adapter, "score"))
+    feats = det._capture(X[:8], det.blocks_)
     bins = det._states(feats, det.blocks_)
     m64 = TinyCNN(num_classes=5).double()
     m64.load_state_dict(model.state_dict())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import BackwardSpec, CaptureSpec, Features, block_key, capture, reduce_block
+from ..taps import BackwardSpec, CaptureSpec, Features, block_key, capture, prepare_input, reduce_block
 from .base import Detector
 from .constraints import Constraint, Interval
 from .registry import register
@@ -72,7 +72,8 @@ class NAC(Detector):
     output shape, and the last block: ResNets' ``layer1..layer4`` outputs as in the official
     code; one block for single-stage models such as ViTs).
 
-    Implementation notes: one batched backward pass per batch (fit and score); each block's output
+    Implementation notes: one batched backward pass per batch (fit and score), run by the detector
+    itself (the shared pass only provides the input, as for ODIN); each block's output
     ``z`` is captured raw and its gradient by a backward callback (``dKL/dz`` per sample, the model
     in eval mode), so their product is exact. Histograms are exact integer counts summed over
     batches (and ranks). Token layouts: the neuron state is the mean over patch tokens of each
@@ -130,14 +131,19 @@ class NAC(Detector):
         return cached[1]
 
     def capture_spec(self, adapter, stage):
-        if stage == "score":
-            blocks = getattr(self, "blocks_", None)
-            if blocks is None:
-                self._check_fitted()
-            return self._spec(blocks)
-        if not adapter.resolved:
-            return None if stage == "calibrate" else CaptureSpec(logits=True)  # resolved on the first batch
-        return self._spec(self._selected(adapter))
+        # the shared pass only provides the validated input: the backward pass is our own, so it
+        # never forces gradients on the detectors sharing the pass (nor clashes with their objectives)
+        return CaptureSpec(logits=False, input=True)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        x = prepare_input(x, self.adapter, self.model)
+        self.adapter.ensure_resolved(x)
+        x = prepare_input(x, self.adapter, self.model)
+        return self._score(self._capture(x, self.blocks_))
+
+    def _capture(self, x: torch.Tensor, blocks: list[str], index: torch.Tensor | None = None) -> Features:
+        return capture(self.adapter, x, self._spec(blocks), validated=True, index=index)
 
     # ------------------------------------------------------------------ states
     def _states(self, feats: Features, blocks: list[str]) -> list[torch.Tensor]:
@@ -165,7 +171,8 @@ class NAC(Detector):
         for b in stream.inputs(split="fit"):  # the first batch resolves the adapter
             if blocks is None:
                 blocks = self._selected(adapter)
-            feats = capture(adapter, b.x, self._spec(blocks), validated=True, index=b.index)
+            feats = self._capture(b.x, blocks, b.index)
+            self.num_classes_ = int(feats.require("logits").shape[1])
             states = torch.cat(self._states(feats, blocks), dim=1)  # [B, N]
             if self._counts is None:
                 self.layer_sizes_ = [int(s.shape[1]) for s in self._states(feats, blocks)]
@@ -184,7 +191,23 @@ class NAC(Detector):
     # ------------------------------------------------------------------ score
     def score_features(self, feats: Features) -> torch.Tensor:
         self._check_fitted()
+        return self._score(self._capture(feats.require("input"), self.blocks_))
+
+    def _score(self, feats: Features) -> torch.Tensor:
+        z = feats.require("logits")
+        if int(z.shape[1]) != int(self.num_classes_):
+            raise InputError(
+                f"nac: the 'logits' features have shape [{int(z.shape[1])}] per sample, but the detector was "
+                f"fitted on [{int(self.num_classes_)}]. The model is not the one it was fitted on: refit it on "
+                "this model (det.fit(model, id_loader))."
+            )
         states = self._states(feats, self.blocks_)
+        for b, s, n in zip(self.blocks_, states, self.layer_sizes_):
+            if int(s.shape[1]) != int(n):
+                raise InputError(
+                    f"nac: block {b!r} has {int(s.shape[1])} neurons, but the detector was fitted on {int(n)}: "
+                    "refit it on this model (det.fit(model, id_loader))."
+                )
         counts = self.counts_.split(self.layer_sizes_, dim=0)
         total = torch.zeros(states[0].shape[0], dtype=torch.float64, device=states[0].device)
         for c, s in zip(counts, states):
