@@ -231,6 +231,7 @@ SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react",
 SHAPE_ERRORS |= {"openmax", "pnml", "relation", "weiper", "grood"}  # issue 14 (h_head)
 SHAPE_ERRORS |= {"gmm", "mahalanobis_odin", "mahalanobis_pp", "multi_mahalanobis", "residual", "rmds_pp"}
 SHAPE_ERRORS |= {"adascale", "cfood", "neco", "nci", "vra"}  # issue 14: fitted on the penultimate/logit widths
+SHAPE_ERRORS |= {"gram", "nac"}  # issue 14 (h_multi): fitted per-class / per-neuron state of the logits width
 
 
 @pytest.fixture(scope="module")

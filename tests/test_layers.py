@@ -231,7 +231,7 @@ model = nn.Sequential(
 )
 x = torch.randn(160, 3, 16, 16)
 loader = [(x[i : i + 16], torch.arange(16) % 4) for i in range(0, 160, 16)]
-small = {"knn": {"k": 3}, "nnguide": {"k": 3, "alpha": 1.0}}
+small = {"knn": {"k": 3}, "nnguide": {"k": 3, "alpha": 1.0}, "mcd": {"where": "head", "samples": 5}}
 dets = [normscore.create(n, **small.get(n, {})) for n in normscore.list_detectors() if n != "fusion"]
 dset = normscore.DetectorSet(dets).fit(model, loader)
 for det in [dset, normscore.create("mahalanobis").fit(model, loader)]:

@@ -31,6 +31,9 @@ ZOO = [
 
 #: hyperparameters for fits on a handful of samples (the defaults need banks of >= 50 / 100 rows)
 SMALL_DATA_HPARAMS = {"knn": {"k": 3}, "nnguide": {"k": 3, "alpha": 1.0}}
+# mcd: the test models (TinyCNN, ...) have no dropout modules, so the generic matrices run the
+# OpenOOD-style dropout on the penultimate features; where="model" is tested on a model with dropout
+SMALL_DATA_HPARAMS["mcd"] = {"where": "head", "samples": 5}
 
 
 def create_small(name: str, **kw) -> normscore.Detector:
