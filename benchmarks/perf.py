@@ -9,6 +9,7 @@ Timings are medians of interleaved repeats (ours, ref, ours, ref, ...).
     python benchmarks/perf.py --only hooks,zoo   # a subset
 
 Sections: ``hooks`` (hook overhead), ``oneset`` (all forward-only detectors from one pass),
+``extra`` (each detector with input gradients or extra passes, as a multiple of one forward),
 ``features`` (scoring on identical features vs pytorch-ood 0.4), ``gradnorm``, ``ldg``,
 ``memory`` (fit peak RSS vs N), ``dist`` (torchrun fit == single-process fit).
 """
@@ -214,6 +215,47 @@ def bench_oneset(quick: bool) -> None:
                 "target": "<= 1.2 (224px)",
             },
             detectors=names,
+        )
+
+
+def extra_pass_detectors() -> list[str]:
+    """Detectors that need more than the shared forward pass: input gradients or extra passes."""
+    return [n for n in normscore.list_detectors() if n not in forward_only_detectors()]
+
+
+#: small-fit settings for the extra-pass detectors fitted on a few images (defaults elsewhere)
+_EXTRA_SMALL = {"ldg": {"n_components": 4, "params": "head"}, "adascale": {"num_samples": 32}}
+
+
+def bench_extra(quick: bool) -> None:
+    """Cost over one plain forward of each detector that needs input gradients or extra passes
+    (ODIN, Mahalanobis+ODIN, AdaSCALE, MC dropout, RankFeat, LDG, ...), at 224 px on resnet50
+    (resnet50 has no dropout: ``mcd`` runs on timm's resnet50 with ``drop_rate=0.5``)."""
+    import timm
+
+    repeat = 2 if quick else 3
+    g = torch.Generator().manual_seed(1)
+    fit = [(torch.randn(8, 3, 224, 224, generator=g), torch.randint(0, 1000, (8,), generator=g)) for _ in range(4)]
+    x = torch.randn(8, 3, 224, 224, generator=g)
+    for name in extra_pass_detectors():
+        torch.manual_seed(0)
+        model = timm.create_model("resnet50", pretrained=False, drop_rate=0.5 if name == "mcd" else 0.0).eval()
+        try:
+            det = normscore.create(name, **_EXTRA_SMALL.get(name, {})).fit(model, fit)
+        except Exception as e:  # noqa: BLE001 - reported, the other detectors still run
+            print(json.dumps({"name": f"extra_pass/{name}", "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+            continue
+
+        def plain(model=model):
+            with torch.no_grad():
+                model(x)
+
+        t = timed({"ours": lambda det=det: det.score(x), "ref": plain}, repeat)
+        emit(
+            f"extra_pass/{name}/resnet50/224px",
+            t["ours"],
+            t["ref"],
+            {"batch": 8, "px": 224, "ref": "one plain forward", "needs_gradients": det.needs_gradients},
         )
 
 
@@ -482,6 +524,7 @@ SECTIONS = {
     "hooks": bench_hooks,
     "oneset": bench_oneset,
     "features": bench_features,
+    "extra": bench_extra,
     "gradnorm": bench_gradnorm,
     "ldg": bench_ldg,
     "memory": bench_memory,

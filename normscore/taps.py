@@ -42,6 +42,7 @@ __all__ = [
     "feature_kind",
     "feature_shape",
     "get_view",
+    "override",
     "parse_key",
     "penultimate_with_grad",
     "prepare_input",
@@ -619,3 +620,58 @@ def penultimate_with_grad(head: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+_OVERRIDE: contextvars.ContextVar[object | None] = contextvars.ContextVar("normscore_override", default=None)
+
+OutputFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+InputFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def override(
+    adapter: Adapter,
+    outputs: Mapping[str, OutputFn] | None = None,
+    inputs: Mapping[str, InputFn] | None = None,
+) -> Iterator[None]:
+    """Change a module's output (or input) inside one call, without changing the model.
+
+    Within the ``with`` block, module ``name``'s output ``out`` is replaced by
+    ``outputs[name](module, out)`` and its first positional input ``x`` by
+    ``inputs[name](module, x)``, for calls made from this context (thread / task) only, so
+    other calls through the same model at the same time are unaffected. For detectors that
+    re-run the rest of the network on a modified intermediate tensor (RankFeat's rank-1
+    removal, Monte-Carlo dropout's masks); use it around :func:`capture`, which puts the model
+    in eval mode and restores every flag. The hooks are removed on exit, also when the call
+    raises."""
+    token = object()
+    handles = []
+
+    def mine() -> bool:
+        return _OVERRIDE.get() is token
+
+    try:
+        for name, fn in (outputs or {}).items():
+
+            def out_hook(module, args, out, _fn=fn):
+                if mine() and isinstance(out, torch.Tensor):
+                    return _fn(module, out)
+                return None
+
+            handles.append(adapter.module(name).register_forward_hook(out_hook))
+        for name, fn in (inputs or {}).items():
+
+            def pre_hook(module, args, _fn=fn):
+                if mine() and args and isinstance(args[0], torch.Tensor):
+                    return (_fn(module, args[0]), *args[1:])
+                return None
+
+            handles.append(adapter.module(name).register_forward_pre_hook(pre_hook))
+        reset = _OVERRIDE.set(token)
+        try:
+            yield
+        finally:
+            _OVERRIDE.reset(reset)
+    finally:
+        for h in handles:
+            h.remove()

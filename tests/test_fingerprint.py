@@ -228,10 +228,9 @@ def test_a_file_without_fingerprint_still_loads(tmp_path):
 
 
 SHAPE_ERRORS = {"dice", "fdbd", "klm", "knn", "mahalanobis", "nnguide", "react", "rmds", "she", "vim"}
-SHAPE_ERRORS |= {"openmax", "pnml", "relation", "weiper", "grood"}  # issue 14 (h_head)
-SHAPE_ERRORS |= {"gmm", "mahalanobis_odin", "mahalanobis_pp", "multi_mahalanobis", "residual", "rmds_pp"}
-SHAPE_ERRORS |= {"adascale", "cfood", "neco", "nci", "vra"}  # issue 14: fitted on the penultimate/logit widths
-SHAPE_ERRORS |= {"gram", "nac"}  # issue 14 (h_multi): fitted per-class / per-neuron state of the logits width
+# issue 14: fitted state of the penultimate / logit / block widths (features of another width are refused)
+SHAPE_ERRORS |= {"openmax", "pnml", "relation", "weiper", "grood", "gmm", "mahalanobis_odin", "mahalanobis_pp"}
+SHAPE_ERRORS |= {"multi_mahalanobis", "residual", "rmds_pp", "adascale", "cfood", "neco", "nci", "vra", "gram", "nac"}
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..taps import CaptureSpec, Features, capture, prepare_input
-from ._override import override
+from ..taps import CaptureSpec, Features, capture, override, prepare_input
 from .base import Detector
 from .constraints import Interval, OneOf
 from .registry import register

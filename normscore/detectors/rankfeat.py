@@ -9,8 +9,7 @@ import torch
 
 from ..adapters import Adapter, BlockInfo
 from ..errors import ConfigError
-from ..taps import CaptureSpec, Features, capture, prepare_input
-from ._override import override
+from ..taps import CaptureSpec, Features, capture, override, prepare_input
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
 from .registry import register
