@@ -203,12 +203,13 @@ def test_save_load_roundtrip_is_bitwise(tmp_path, resnet):
 
 def test_fit_mode_is_declared_once_and_matches_the_class():
     """Each detector's fit mode: ``none`` without statistics, ``multi_pass`` for its own passes
-    (LDG, fusion), else ``single_pass``; bench and fit_detectors ask it, nothing introspects."""
+    (LDG, fusion, NAC: its fit runs a forward + backward per batch itself), else
+    ``single_pass``; bench and fit_detectors ask it, nothing introspects."""
     from normscore.detectors.base import FIT_MODES, Detector
 
     modes = {n: normscore.detector_class(n).fit_mode for n in normscore.list_detectors()}
     assert set(modes.values()) == set(FIT_MODES)
-    assert {n for n, m in modes.items() if m == "multi_pass"} == {"ldg", "fusion"}
+    assert {n for n, m in modes.items() if m == "multi_pass"} == {"ldg", "fusion", "nac"}
     for n, m in modes.items():
         assert (m == "none") == (not normscore.detector_class(n).needs_fit), n
 
