@@ -623,6 +623,14 @@ class Adapter:
     def block_names(self) -> list[str]:
         return [b.name for b in self.blocks]
 
+    @property
+    def stage_ends(self) -> list[str]:
+        """The last candidate block of every stage: each block whose successor has another
+        output shape, and the last block (ResNets' ``layer1`` ... ``layer4`` outputs; one block
+        for single-stage models such as ViTs). The multi-layer detectors' default layers."""
+        blocks = self.blocks
+        return [b.name for i, b in enumerate(blocks) if i == len(blocks) - 1 or blocks[i + 1].shape != b.shape]
+
     def block(self, name: str) -> BlockInfo:
         for b in self.blocks:
             if b.name == name:

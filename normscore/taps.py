@@ -33,12 +33,14 @@ from .runmode import eval_mode, model_device, model_dtype
 
 __all__ = [
     "ALL_BLOCKS",
+    "STAGE_ENDS",
     "BackwardSpec",
     "CaptureSpec",
     "FeatureKey",
     "Features",
     "block_key",
     "capture",
+    "expand_blocks",
     "feature_kind",
     "feature_shape",
     "get_view",
@@ -82,6 +84,9 @@ class BackwardSpec:
 #: block name that stands for every candidate block of the adapter (expanded in :func:`capture`,
 #: so a spec can ask for all blocks before the adapter has seen an input)
 ALL_BLOCKS = "*"
+#: block name that stands for the last candidate block of every stage
+#: (:attr:`~normscore.adapters.Adapter.stage_ends`), expanded like :data:`ALL_BLOCKS`
+STAGE_ENDS = "*stages"
 
 
 @dataclass(frozen=True)
@@ -445,7 +450,7 @@ def capture(
     if bw is not None and bw.on not in ("logits", "penultimate"):
         raise ValueError(f"BackwardSpec.on must be 'logits' or 'penultimate', got {bw.on!r}")
     head_name = adapter.head_name if spec.needs_head or grad_on_head else None
-    block_pairs = _expand_blocks(adapter, spec.blocks)
+    block_pairs = expand_blocks(adapter, spec.blocks)
     blocks_by_name: dict[str, list[str]] = {}
     for name, red in block_pairs:
         blocks_by_name.setdefault(name, []).append(red)
@@ -540,10 +545,17 @@ def capture(
     return feats
 
 
-def _expand_blocks(adapter: Adapter, pairs: frozenset[tuple[str, str]]) -> list[tuple[str, str]]:
+def expand_blocks(adapter: Adapter, pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(block name, reduction)`` pairs with the wildcards :data:`ALL_BLOCKS` and
+    :data:`STAGE_ENDS` expanded to block names (needs a resolved adapter for them)."""
     out: list[tuple[str, str]] = []
     for name, red in pairs:
-        names = adapter.block_names if name == ALL_BLOCKS else [name]
+        if name == ALL_BLOCKS:
+            names = adapter.block_names
+        elif name == STAGE_ENDS:
+            names = adapter.stage_ends
+        else:
+            names = [name]
         out.extend((n, red) for n in names if (n, red) not in out)
     return out
 
@@ -564,7 +576,7 @@ def spec_keys(adapter: Adapter, spec: CaptureSpec) -> list[str]:
     (logits, penultimate, blocks and their input views; not ``"input"`` and not keys that
     backward callbacks define). Needs a resolved adapter when ``spec`` asks for all blocks."""
     keys = (["logits"] if spec.logits else []) + (["penultimate"] if spec.penultimate else [])
-    keys += [block_key(n, r) for n, r in sorted(_expand_blocks(adapter, spec.blocks))]
+    keys += [block_key(n, r) for n, r in sorted(expand_blocks(adapter, spec.blocks))]
     return keys + [view_key(v, k) for v in sorted(spec.views) for k in keys]
 
 

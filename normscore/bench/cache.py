@@ -39,7 +39,18 @@ from .. import __version__
 from ..adapters import Adapter
 from ..files import atomic_write
 from ..progress import progress_bar
-from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, capture, get_view, parse_key, view_key
+from ..taps import (
+    ALL_BLOCKS,
+    STAGE_ENDS,
+    CaptureSpec,
+    Features,
+    block_key,
+    capture,
+    expand_blocks,
+    get_view,
+    parse_key,
+    view_key,
+)
 
 __all__ = ["CACHE_FORMAT", "ExtractStats", "FeatureCache", "spec_for_keys", "spec_keys"]
 
@@ -56,13 +67,9 @@ def _base_keys(spec: CaptureSpec, adapter: Adapter | None) -> set[str]:
         keys.add("logits")
     if spec.penultimate:
         keys.add("penultimate")
-    for n, r in spec.blocks:
-        if n == ALL_BLOCKS:
-            if adapter is None:
-                raise ValueError("a spec asking for every block needs the (resolved) adapter")
-            keys |= {block_key(b, r) for b in adapter.block_names}
-        else:
-            keys.add(block_key(n, r))
+    if any(n in (ALL_BLOCKS, STAGE_ENDS) for n, _ in spec.blocks) and adapter is None:
+        raise ValueError("a spec asking for every block or every stage needs the (resolved) adapter")
+    keys |= {block_key(n, r) for n, r in (expand_blocks(adapter, spec.blocks) if adapter is not None else spec.blocks)}
     if spec.input:
         keys.add("input")
     return keys

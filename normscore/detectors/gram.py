@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key, register_reduction
+from ..taps import STAGE_ENDS, CaptureSpec, Features, block_key, register_reduction
 from ._zoo import RowSample, check_labels, feature_positions, hash_positions, sample_rows_for
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
@@ -23,21 +23,32 @@ _HOLDOUT_SALT = 0x6A09E667
 _SAMPLE_SALT = 0xBB67AE85
 
 
-def gram_rows(v: torch.Tensor, poles: int) -> torch.Tensor:
+def gram_rows(v: torch.Tensor, poles: int, chunk: int = 32) -> torch.Tensor:
     """Row sums of the p-th order Gram matrices of ``v [B, C, S]`` for p = 1..poles: ``[B, P, C]``.
 
     ``G_p = (F^p)(F^p)^T`` (element-wise power of the feature map ``F``, channels x positions);
     its row sums are ``sum_d G_p[c, d] = <F_c^p, sum_d F_d^p>``, so the ``C x C`` matrix is never
     formed (``O(C S)`` instead of ``O(C^2 S)``). Each row sum ``r`` is mapped to
-    ``sign(r) |r|^(1/p)`` as in the reference code. Computed in float64.
+    ``sign(r) |r|^(1/p)`` as in the reference code.
+
+    Speed: the positions are taken ``chunk`` at a time, so the powers ``F^1 ... F^P`` of a chunk
+    are formed by repeated multiplication while the chunk stays in the CPU cache (10x faster at
+    224 px than one ``F**p`` per pole over the whole map); a chunk's terms are computed in float32
+    and summed over chunks in float64 (relative difference to an all-float64 computation about
+    4e-7, tests/test_zoo_gram.py).
     """
-    v = v.double()
-    out = []
-    for p in range(1, poles + 1):
-        t = v**p
-        r = (t * t.sum(dim=1, keepdim=True)).sum(dim=2)
-        out.append(r.sign() * r.abs() ** (1.0 / p))
-    return torch.stack(out, dim=1).float()
+    b, c, s = v.shape
+    v = v.float()
+    r = torch.zeros(poles, b, c, dtype=torch.float64, device=v.device)
+    for s0 in range(0, s, chunk):
+        x = v[:, :, s0 : s0 + chunk].contiguous()
+        t = x
+        for p in range(poles):
+            if p:
+                t = t * x
+            r[p] += torch.bmm(t, t.sum(dim=1).unsqueeze(2)).squeeze(2)
+    roots = torch.stack([r[p].sign() * r[p].abs() ** (1.0 / (p + 1)) for p in range(poles)], dim=1)
+    return roots.float()
 
 
 def _reduction(poles: int) -> str:
@@ -55,7 +66,7 @@ class _Names(Constraint):
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
             return
         raise ConfigError(
-            f"hyperparameter {name}={value!r} must be None (every candidate block) or a list of block names."
+            f"hyperparameter {name}={value!r} must be None (the last block of every stage) or a list of block names."
         )
 
 
@@ -111,8 +122,9 @@ class Gram(Detector):
       (pass ``normscore.Adapter(model, blocks=[...])`` listing activation modules to get theirs).
 
     ``poles`` = P (orders 1..P): 10 as in the paper and OpenOOD (pytorch-ood's default is the
-    number of layers L; pass ``poles=L`` to reproduce it). ``blocks``: block names (default every
-    candidate block of the adapter).
+    number of layers L; pass ``poles=L`` to reproduce it). ``blocks``: block names (default the last
+    candidate block of every stage, :attr:`~normscore.adapters.Adapter.stage_ends`: a ResNet's
+    four stage outputs, the layers OpenOOD's ResNets return).
 
     Implementation notes: the row sums are computed inside the forward hook (block reduction
     ``"gram<P>"``, ``[P, C]`` per sample, float64, without forming the Gram matrix), so the
@@ -154,21 +166,20 @@ class Gram(Detector):
             for b in self.blocks:
                 adapter.block(b)  # AdapterError listing the valid blocks
             return list(self.blocks)
-        names = adapter.block_names
-        if not names:
+        if not adapter.block_names:
             raise ConfigError(
                 "gram needs block feature maps, but the model has no candidate blocks. Pass "
                 "normscore.Adapter(model, blocks=[...]) as adapter=."
             )
-        return names
+        return adapter.stage_ends
 
     def capture_spec(self, adapter, stage):
         if stage == "score":
             blocks, poles = getattr(self, "blocks_", None), getattr(self, "poles_", None)
             if blocks is None:
                 self._check_fitted()
-        else:  # the adapter may not have seen an input yet: every candidate block then
-            blocks = self._selected(adapter) if adapter.resolved else list(self.blocks or [ALL_BLOCKS])
+        else:  # the adapter may not have seen an input yet: the stage wildcard, expanded by capture
+            blocks = self._selected(adapter) if adapter.resolved else list(self.blocks or [STAGE_ENDS])
             poles = self.poles
         red = _reduction(int(poles))
         return CaptureSpec(logits=True, blocks=frozenset((b, red) for b in blocks))

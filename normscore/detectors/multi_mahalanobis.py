@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..stats import ClassMoments
-from ..taps import ALL_BLOCKS, CaptureSpec, Features, block_key
+from ..taps import STAGE_ENDS, CaptureSpec, Features, block_key
 from ._zoo import check_labels
 from .base import Detector
 from .constraints import Constraint, Interval
@@ -34,7 +34,7 @@ class _Names(Constraint):
             or len(set(value)) != len(value)
         ):
             raise ConfigError(
-                f"hyperparameter {name}={value!r} must be None (every candidate block) or a non-empty list of "
+                f"hyperparameter {name}={value!r} must be None (the last block of every stage) or a non-empty list of "
                 "distinct block names (see normscore.get_adapter(model).block_names)."
             )
 
@@ -72,8 +72,9 @@ class MultiMahalanobis(Detector):
     pre-processing: see ``mahalanobis_odin``); pytorch-ood 0.4 ``MultiMahalanobis``; OpenOOD
     v1.5 ``mds_ensemble`` (with ``noise=0``).
 
-    ``layers``: block names (``None``: every candidate block of the adapter, e.g. the four
-    stages of a ResNet). ``weights``: one weight ``a_l`` per layer (``None``: 1 for every layer,
+    ``layers``: block names (``None``: the last candidate block of every stage,
+    :attr:`~normscore.adapters.Adapter.stage_ends`, e.g. the outputs of a ResNet's four stages
+    as in OpenOOD's MDSEns). ``weights``: one weight ``a_l`` per layer (``None``: 1 for every layer,
     pytorch-ood's default). The paper (and OpenOOD without ``alpha_list``) fits the weights by
     logistic regression on validation *OOD* data; normscore does not use OOD data by default:
     pass weights explicitly to reproduce such a setting.
@@ -108,7 +109,7 @@ class MultiMahalanobis(Detector):
     def capture_spec(self, adapter, stage):
         names = getattr(self, "layers_", None) if stage != "fit" else None
         if names is None:
-            names = [ALL_BLOCKS] if self.layers is None else list(self.layers)
+            names = [STAGE_ENDS] if self.layers is None else list(self.layers)
         return CaptureSpec(logits=stage == "fit", blocks=frozenset((n, _RED) for n in names))
 
     # ------------------------------------------------------------------ fit
@@ -122,7 +123,7 @@ class MultiMahalanobis(Detector):
     def _fit_update(self, feats: Features) -> None:
         c = feats.require("logits").shape[1]
         if self._moments is None:
-            names = list(self._fit_adapter.block_names) if self.layers is None else list(self.layers)
+            names = list(self._fit_adapter.stage_ends) if self.layers is None else list(self.layers)
             if not names:
                 raise InputError(
                     "multi_mahalanobis: the model has no candidate blocks; pass layers=[...] or an "

@@ -117,8 +117,7 @@ class NAC(Detector):
                 "nac needs block feature maps, but the model has no candidate blocks. Pass "
                 "normscore.Adapter(model, blocks=[...]) as adapter=."
             )
-        shapes = [adapter.block(n).shape for n in names]
-        return [n for i, n in enumerate(names) if i == len(names) - 1 or shapes[i + 1] != shapes[i]]
+        return adapter.stage_ends
 
     def _spec(self, blocks: list[str]) -> CaptureSpec:
         key = tuple(blocks)
