@@ -147,3 +147,25 @@ def test_model_flags_params_and_train_mode_are_restored(model):
     ref = model.__class__()
     ref.load_state_dict(model.state_dict())
     assert torch.equal(normscore.create("mcd", samples=4).attach(ref.eval()).score(X[:6]), s)
+
+
+def test_head_dropout_runs_the_network_once_and_equals_full_passes():
+    """``where="head"``: the network up to the head runs once and each stochastic pass is the head
+    on masked features; that equals running the whole model with the masked head input."""
+    torch.manual_seed(0)
+    m = TinyCNN(num_classes=5).eval()
+    x = torch.randn(7, 3, 16, 16)
+    det = normscore.create("mcd", where="head", samples=4).attach(m)
+    det.adapter.ensure_resolved(x)
+    keys = mcd_mod.sample_keys(x)
+    fast = list(det._head_passes(x, keys))
+    full = [det.pass_logits(x, n, keys) for n in range(4)]
+    for a, b in zip(fast, full):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    calls = []
+    h = m.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        det.score(x)
+    finally:
+        h.remove()
+    assert len(calls) == 1  # one forward pass, not one per sample

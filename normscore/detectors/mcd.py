@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
@@ -149,12 +150,27 @@ class MCD(Detector):
         with override(self.adapter, outputs=outputs, inputs=inputs):
             return capture(self.adapter, x, CaptureSpec(logits=True), validated=True)["logits"]
 
+    def _head_passes(self, x: torch.Tensor, keys: list[int]):
+        """``where="head"``: the network up to the head runs once; each stochastic pass is the
+        head on masked penultimate features (what a pass through the whole model computes, since
+        dropout acts on the head's input only)."""
+        h = capture(self.adapter, x, CaptureSpec(logits=False, penultimate=True), validated=True)["penultimate"]
+        w, b = self.adapter.head_weight_bias(copy=False)
+        p = float(self.p)
+        for n in range(int(self.samples)):
+            masks = _Masks(keys, int(self.seed), n)
+            yield F.linear(h * masks.keep(tuple(h.shape[1:]), p, h.device, h.dtype), w.detach(), b.detach())
+
     def _mcd(self, x: torch.Tensor) -> torch.Tensor:
         keys = sample_keys(x)
         n_pass = int(self.samples)
         s1 = s2 = zs = None
-        for n in range(n_pass):
-            z = self.pass_logits(x, n, keys).double()
+        if self.where == "head":
+            passes = self._head_passes(x, keys)
+        else:
+            passes = (self.pass_logits(x, n, keys) for n in range(n_pass))
+        for z in passes:
+            z = z.double()
             p = torch.softmax(z, dim=1)
             s1 = p if s1 is None else s1 + p
             s2 = p * p if s2 is None else s2 + p * p
