@@ -28,6 +28,12 @@ class ConfigError(NormscoreError, ValueError):
     """An unknown or invalid hyperparameter, detector name, block name or option."""
 
 
+class NotApplicableError(ConfigError):
+    """The detector cannot work on this model as configured (e.g. Monte-Carlo dropout on a model
+    without dropout modules). ``normscore-bench`` lists such detectors as not applicable instead
+    of failed."""
+
+
 class ModelMismatchError(ConfigError):
     """A fitted detector was given another model than the one it was fitted on (the model
     fingerprints differ); ``strict=False`` reuses it deliberately."""

@@ -66,6 +66,21 @@ def test_tiny_end_to_end_run_writes_table_csv_json_and_plots(tmp_path, ckpt, cap
     assert not (out / "plots" / "hist_msp.png").exists()  # no stale plots with --no-plots
 
 
+def test_a_detector_the_model_cannot_run_is_not_applicable_not_failed(tmp_path, ckpt, capsys):
+    """mcd needs dropout modules; on a model without any it is listed as not applicable (``n/a``
+    cells, its reason in the footer) and the run still succeeds; a real failure exits 1."""
+    out = tmp_path / "out"
+    args = ["--checkpoint", ckpt, "--limit", "16", "--detectors", "msp,mcd", "--out", str(out)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "not applicable mcd: NotApplicableError: mcd where='model' needs dropout modules" in text
+    assert "FAILED" not in text
+    row = next(line for line in text.splitlines() if line.startswith("mcd "))
+    assert "n/a" in row and "err" not in row
+    r = json.loads((out / "results.json").read_text())
+    assert r["detectors"]["mcd"]["not_applicable"] is True and "not_applicable" not in r["detectors"]["msp"]
+
+
 def test_usage_errors_exit_2_with_a_reason(tmp_path, ckpt, capsys, monkeypatch):
     monkeypatch.delenv("NORMSCORE_IMAGENET_ROOT", raising=False)
     base = ["--checkpoint", ckpt, "--limit", "8", "--cache-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet"]

@@ -61,3 +61,39 @@ def test_frozen_parameters_and_hygiene():
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="no parameter of the model requires grad"):
         normscore.create("grad_uncertainty").attach(m).score(X[:2])
+
+
+class _Twice(torch.nn.Module):
+    """A block applied twice (shared weights): its per-sample gradient is the sum over calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(self.block(torch.relu(self.block(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: TinyCNN(num_classes=5), _Twice])
+def test_batched_all_params_equals_one_backward_per_sample(make):
+    """``params="all"``: one batched backward through the per-sample gradient engine equals one
+    backward pass per sample, also for a layer that runs twice (its calls are summed first)."""
+    torch.manual_seed(0)
+    m = make().eval()
+    x = torch.randn(6, 3, 16, 16)
+    det = normscore.create("grad_uncertainty").attach(m)
+    det.adapter.ensure_resolved(x)
+    params = [p for p in m.parameters() if p.requires_grad]
+    from normscore.detectors.engines.layers import resolve_layers
+
+    res = resolve_layers(det.adapter, "all", x[:1])
+    assert not res.excluded  # the batched path applies
+    assert max(s.calls for s in res.slots) == (2 if make is _Twice else 1)
+    fast = det.score(x)
+    slow = det._all_per_sample(x, params)
+    assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-6), (fast, slow)

@@ -95,6 +95,7 @@ def build_result(
             "metrics": r.metrics,
             "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
             "error": r.error,
+            **({"not_applicable": True} if r.not_applicable else {}),
             **r.info,
         }
     splits = {}

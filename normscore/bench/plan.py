@@ -16,7 +16,7 @@ from ..adapters import Adapter
 from ..data import DatasetInfo, dataset_info
 from ..detectors.base import Detector
 from ..detectors.registry import create, detector_class, list_detectors
-from ..errors import ConfigError
+from ..errors import ConfigError, NotApplicableError
 from .config import BenchConfig, SplitRef
 from .suites import SUITES, Suite
 
@@ -50,6 +50,7 @@ class DetectorRun:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    not_applicable: bool = False  # error is the NotApplicableError of a detector this model cannot run
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +157,9 @@ def plan_detectors(
                 for k, v in type(det).info().items()
                 if k in ("paper", "needs_labels", "needs_fit", "feature_only", "needs_gradients")
             }
+        except NotApplicableError as e:
+            r.error, r.not_applicable = short_error(e), True
+            log(f"detector {n}: not applicable to this model: {r.error}")
         except Exception as e:  # noqa: BLE001 - one broken detector must not stop the run
             r.error = short_error(e)
             log(f"detector {n}: cannot be set up: {r.error}")

@@ -61,6 +61,8 @@ def _columns(results: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _cell(det: dict[str, Any], label: str, metric: str) -> str:
     """A metric in percent; ``mean±std`` for runs merged over training seeds (``--seeds``)."""
+    if det.get("not_applicable"):
+        return "n/a"
     if det.get("error"):
         return "err"
     m = det["metrics"].get(label, {})
@@ -159,9 +161,9 @@ def footer_lines(results: dict[str, Any]) -> list[str]:
     live = [n for n, d in results["detectors"].items() if d.get("mode") == "live" and not d.get("error")]
     if live:
         out.append(f"live (model passes of their own): {', '.join(live)}")
-    failed = {n: d["error"] for n, d in results["detectors"].items() if d.get("error")}
-    for n, e in failed.items():
-        out.append(f"FAILED {n}: {e}")
+    for n, d in results["detectors"].items():
+        if d.get("error"):
+            out.append(f"{'not applicable' if d.get('not_applicable') else 'FAILED'} {n}: {d['error']}")
     t = results["timings"]
     out.append(
         "time: "

@@ -20,4 +20,4 @@ class BenchResult:
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, d in self.results["detectors"].items() if d.get("error")]
+        return [n for n, d in self.results["detectors"].items() if d.get("error") and not d.get("not_applicable")]

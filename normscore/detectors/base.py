@@ -269,9 +269,16 @@ class Detector(metaclass=_DetectorMeta):
             raise ConfigError("the adapter passed was built for a different model.")
         return adapter if adapter is not None else get_adapter(model)
 
+    def check_model(self, adapter: Adapter) -> None:
+        """Raise :class:`~normscore.errors.NotApplicableError` if this detector, as configured,
+        cannot work on ``adapter``'s model (checked on attach/fit; e.g. ``mcd`` needs dropout
+        modules). The default accepts every model."""
+
     def _bind(self: D, model: nn.Module, adapter: Adapter | None = None) -> D:
         """Bind to ``model`` without any check (``fit`` binds before it replaces the state)."""
-        self._adapter = self._resolve_adapter(model, adapter)
+        adapter = self._resolve_adapter(model, adapter)
+        self.check_model(adapter)
+        self._adapter = adapter
         self._model = model
         return self.to(model_device(model))
 

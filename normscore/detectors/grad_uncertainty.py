@@ -4,7 +4,6 @@ arXiv:1805.08440)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters import model_failure, model_output_tensor
 from ..errors import AdapterError, ConfigError, InputError
@@ -12,6 +11,8 @@ from ..runmode import eval_mode
 from ..taps import CaptureSpec, Features, prepare_input
 from .base import Detector
 from .constraints import OneOf
+from .engines.layers import resolve_layers
+from .engines.persample import ExactGradients
 from .registry import register
 
 __all__ = ["GradUncertainty"]
@@ -33,9 +34,13 @@ class GradUncertainty(Detector):
     ``params``:
 
     * ``"all"`` (default, pytorch-ood's default filter): every parameter that requires grad
-      (parameters the user froze are left out). One forward + backward pass per *sample*
-      (batch of one, model in eval mode), gradients with ``torch.autograd.grad`` (no ``.grad``
-      is written). Exact and batch-independent, but slow: ``B`` backward passes per batch.
+      (parameters the user froze are left out). The per-sample gradients come from **one**
+      batched forward + backward pass through the per-sample gradient engine
+      (:mod:`normscore.detectors.engines.persample`: eval mode makes samples independent, each
+      layer's per-sample gradient is formed in closed form and only its squared norm is kept;
+      a layer that runs several times sums its calls first). Models with parameters the engine
+      cannot form per sample (e.g. a ViT's class token) or with frozen parameters fall back to
+      one forward + backward pass per sample (``torch.autograd.grad``, no ``.grad`` written).
     * ``"head"`` (OpenOOD's setting, pytorch-ood with a head-only ``param_filter``): the final
       linear layer only, in closed form from the logits and the penultimate features ``h``:
       ``||C p - 1||^2 (||h||^2 + 1)`` (``+ 1`` for the bias; without a bias ``+ 0``). No
@@ -89,6 +94,33 @@ class GradUncertainty(Detector):
                 "grad_uncertainty params='all': no parameter of the model requires grad; use params='head' "
                 "(closed form from the head) or unfreeze the parameters."
             )
+        res = self._memo("layers", (self.adapter,), lambda: resolve_layers(self.adapter, "all", x[:1]))
+        if res.excluded or len(params) != sum(len(s.params) for s in res.slots):
+            return self._all_per_sample(x, params)
+        return self._all_batched(x, res.slots)
+
+    def _all_batched(self, x: torch.Tensor, slots: list) -> torch.Tensor:
+        """One batched backward pass; ``sum_l ||g_l||^2`` from the per-layer per-sample gradients."""
+        lmap = ExactGradients(slots)
+        lmap.objective = confounding_loss
+        out = torch.zeros(x.shape[0], dtype=torch.float64)
+        shared: dict[int, torch.Tensor] = {}  # layers that run several times: sum their calls first
+
+        def consumer(i: int, r0: int, g: torch.Tensor) -> None:
+            g = g.detach().double().cpu()
+            if slots[i].calls > 1:
+                buf = shared.setdefault(i, torch.zeros(x.shape[0], g.shape[1], dtype=torch.float64))
+                buf[r0 : r0 + g.shape[0]] += g
+            else:
+                out[r0 : r0 + g.shape[0]] += (g * g).sum(1)
+
+        lmap.run(self.adapter, x, consumer)
+        for buf in shared.values():
+            out += (buf * buf).sum(1)
+        return out.float().to(x.device)
+
+    def _all_per_sample(self, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        model = self.model
         out = torch.empty(x.shape[0], dtype=torch.float64)
         with eval_mode(model), torch.enable_grad():
             for i in range(x.shape[0]):
@@ -99,9 +131,12 @@ class GradUncertainty(Detector):
                     raise
                 except Exception as e:  # noqa: BLE001 - re-raised with context
                     raise model_failure(model, xi, e) from e
-                loss = F.binary_cross_entropy(
-                    torch.softmax(z.float(), dim=1), torch.ones_like(z.float()), reduction="sum"
-                )
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                grads = torch.autograd.grad(confounding_loss(z).sum(), params, allow_unused=True)
                 out[i] = sum(float((g.double() ** 2).sum()) for g in grads if g is not None)
         return out.float().to(x.device)
+
+
+def confounding_loss(logits: torch.Tensor) -> torch.Tensor:
+    """``BCE(softmax(z), 1)`` per sample, ``-sum_c log p_c`` (``log p`` clamped at -100 as torch's
+    BCE does); its logit gradient is ``C p - 1``."""
+    return -torch.log_softmax(logits.float(), dim=1).clamp_min(-100.0).sum(dim=1)

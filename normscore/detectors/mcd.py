@@ -8,11 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
+from ..adapters import Adapter
+from ..errors import NotApplicableError
 from ..taps import CaptureSpec, Features, capture, override, prepare_input
 from .base import Detector
 from .constraints import Interval, OneOf
 from .registry import register
+
+_NO_DROPOUT = (
+    "mcd where='model' needs dropout modules (nn.Dropout / Dropout1d/2d/3d with p > 0), and this model has "
+    "none. Use where='head' (OpenOOD-style dropout with rate p on the penultimate features) or a model "
+    "trained with dropout."
+)
 
 __all__ = ["MCD", "sample_keys"]
 
@@ -60,7 +67,7 @@ class MCD(Detector):
 
     (higher = more ID). ``where``: ``"model"`` (default; pytorch-ood) - the model's own
     ``nn.Dropout`` / ``nn.Dropout1d/2d/3d`` modules with ``p > 0``, at their own rates (a model
-    without any raises a ConfigError); ``"head"`` (OpenOOD's ``DropoutNet``) - element-wise
+    without any raises NotApplicableError, a ConfigError, on attach); ``"head"`` (OpenOOD's ``DropoutNet``) - element-wise
     dropout with rate ``p`` on the penultimate features, before the head (works on any model
     with a linear head; the model's own dropout stays off).
 
@@ -103,10 +110,14 @@ class MCD(Detector):
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=False, input=True)  # the stochastic passes are our own
 
-    def dropout_modules(self) -> list[str]:
+    def dropout_modules(self, adapter: Adapter | None = None) -> list[str]:
         """Names of the model's dropout modules that ``where="model"`` activates."""
-        a = self.adapter
+        a = adapter if adapter is not None else self.adapter
         return [n for n in a.module_names if isinstance(a.module(n), _DROPOUTS) and float(a.module(n).p) > 0]
+
+    def check_model(self, adapter: Adapter) -> None:
+        if self.where == "model" and not self.dropout_modules(adapter):
+            raise NotApplicableError(_NO_DROPOUT)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
@@ -128,11 +139,7 @@ class MCD(Detector):
             return {}, {self.adapter.head_name: head_in}
         names = self.dropout_modules()
         if not names:
-            raise ConfigError(
-                "mcd where='model' needs dropout modules (nn.Dropout / Dropout1d/2d/3d with p > 0), and this "
-                "model has none. Use where='head' (OpenOOD-style dropout with rate p on the penultimate "
-                "features) or a model trained with dropout."
-            )
+            raise NotApplicableError(_NO_DROPOUT)
 
         def drop(m: nn.Module, out: torch.Tensor) -> torch.Tensor:
             p = float(m.p)
