@@ -406,7 +406,7 @@ class LDG(Detector):
         self.subspace = subspace
         self.method = method
         self.scoring = scoring
-        self.scoring_params = None if scoring_params is None else dict(scoring_params)
+        self.scoring_params = dict(scoring_params) if isinstance(scoring_params, Mapping) else scoring_params
         self.k = k
         self.n_iter = n_iter
         self.oversample = oversample
