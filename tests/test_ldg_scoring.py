@@ -329,3 +329,12 @@ def test_sharded_fit_equals_single_process(tmp_path):
                 assert torch.equal(t, sb["tensors"][key]), (name, key)
         s_a, s_b = a.score(xt), b.score(xt)
         assert (s_a - s_b).abs().max() <= 1e-4 * s_a.abs().max(), (name, s_a, s_b)
+
+
+def test_fusion_of_ldg_variants_saves_and_loads(setup, tmp_path):
+    m, loader, _, _, xt = setup
+    members = [{"name": "ldg", "params": "head", "n_components": K, "scoring": "mahalanobis"}, "msp"]
+    f = normscore.create("fusion", members=members).fit(m, loader)
+    f.save(tmp_path / "f.ns")
+    back = normscore.load(tmp_path / "f.ns", model=m)
+    assert torch.equal(back.score(xt), f.score(xt))
