@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, InputError, NotFittedError
+from ..errors import ConfigError, InputError, NotFittedError, did_you_mean
 from ..stats import RunningMoments
 from ..stream import FitStream
 from ..taps import CaptureSpec, Features, capture
 from . import sync
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
+from .distances import ViM
 from .engines.gradstream import GradOperator, GradPasses, GradStats
 from .engines.knn import KNNBank
 from .engines.layers import resolve_layers, slots_from_names
 from .engines.persample import ExactGradients, KroneckerSketch, LayerMap, SketchShape, plan_sketch
 from .engines.subspace import randomized_subspace
-from .registry import register
+from .registry import detector_class, list_detectors, register
+from .residual import Residual
 
 __all__ = ["LDG", "GradNorm"]
 
@@ -139,6 +141,175 @@ def _train_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) 
     }
 
 
+# ---------------------------------------------------------------------------------------------
+# LDG's scorings: its own (knn, probe, ensemble) and any feature-space detector fitted on G_low
+
+#: scorings LDG computes itself (one fit prepares all of them)
+NATIVE_SCORINGS = ("knn", "probe_msp", "probe_energy", "ensemble")
+
+#: feature-space detectors that LDG fits on ``G_low`` (as their "penultimate" features, with the
+#: model's logits): their maths reads only the features, the logits and the labels
+DETECTOR_SCORINGS = (
+    "mahalanobis",
+    "rmds",
+    "mahalanobis_pp",
+    "rmds_pp",
+    "vim",
+    "residual",
+    "she",
+    "nnguide",
+    "gmm",
+    "neco",
+    "cfood",
+    "relation",
+    "grood",
+)
+
+_HEAD = "needs the linear head W, b acting on the features it reads, and G_low has no head"
+_RELU = "assumes non-negative post-ReLU activations feeding the linear head; G_low is signed and has no head"
+_LOGITS = "reads only the logits, so G_low would be unused (create it on the model directly)"
+_MODEL = "needs the model itself (input gradients, extra passes or changed activations), not features"
+_BLOCKS = "reads intermediate block features, not one feature vector"
+
+#: why the other registered detectors cannot score G_low
+REFUSED_SCORINGS = {
+    "fdbd": _HEAD + " (distances to its decision boundaries)",
+    "nci": _HEAD + " (the class weight rows)",
+    "pnml": _HEAD + " (the head's predictive distribution)",
+    "separation": _HEAD + " (the class weight rows)",
+    "weiper": _HEAD + " (perturbed class projections)",
+    "gradnorm": _HEAD + " (the gradient of the head's weights)",
+    "react": _RELU,
+    "ash": _RELU,
+    "scale": _RELU,
+    "dice": _RELU,
+    "vra": _RELU,
+    "lts": _RELU,
+    "penultimate_norm": (
+        "would rank backwards: G_low is centred on the ID mean, so its norm is a distance from ID data "
+        "(use 'mahalanobis')"
+    ),
+    "msp": _LOGITS,
+    "energy": _LOGITS,
+    "maxlogit": _LOGITS,
+    "entropy": _LOGITS,
+    "gen": _LOGITS,
+    "klm": _LOGITS,
+    "openmax": _LOGITS,
+    "tempscale": _LOGITS,
+    "odin": _MODEL,
+    "mahalanobis_odin": _MODEL,
+    "adascale": _MODEL,
+    "mcd": _MODEL,
+    "rankfeat": _MODEL,
+    "grad_uncertainty": _MODEL,
+    "nac": _MODEL,
+    "ldg": _MODEL,
+    "featurenorm": _BLOCKS,
+    "gram": _BLOCKS,
+    "multi_mahalanobis": _BLOCKS,
+    "fusion": "combines detectors of the model; fuse LDG variants instead: "
+    "create('fusion', members=[{'name': 'ldg', 'scoring': ...}, ...])",
+}
+
+
+def _scoring_choices() -> str:
+    return f"LDG's own {list(NATIVE_SCORINGS)} or a detector fitted on G_low {list(DETECTOR_SCORINGS)}"
+
+
+class _Scoring(Constraint):
+    def check(self, name: str, value: Any) -> None:
+        if value in NATIVE_SCORINGS or value in DETECTOR_SCORINGS:
+            return
+        if isinstance(value, str) and REFUSED_SCORINGS.get(value):
+            raise ConfigError(
+                f"ldg cannot score its gradient features with {name}={value!r}: {value} "
+                f"{REFUSED_SCORINGS[value]}. Scorings that work: {_scoring_choices()}."
+            )
+        if isinstance(value, str) and value in list_detectors():
+            raise ConfigError(
+                f"ldg: {name}={value!r} is not among the detectors verified to score the gradient features "
+                f"G_low. Scorings that work: {_scoring_choices()}."
+            )
+        choices = list(NATIVE_SCORINGS) + list(DETECTOR_SCORINGS)
+        raise ConfigError(
+            f"hyperparameter {name}={value!r} is not allowed; choose {_scoring_choices()}."
+            + did_you_mean(str(value), choices)
+        )
+
+
+class _ScoringParams(Constraint):
+    def check(self, name: str, value: Any) -> None:
+        if value is None:
+            return
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(
+                f"hyperparameter {name}={value!r} must be None or a dict of the scoring detector's "
+                "hyperparameters, e.g. scoring='mahalanobis', scoring_params={'shrinkage': 0.01}."
+            )
+
+
+class _ZeroOrigin:
+    """Stands in for the adapter of ViM's / Residual's fit on ``G_low``: its "head" is
+    ``W = I, b = 0``, so ViM's origin ``-pinv(W) b`` is ``0`` = ``G_low(mu)``, the ID mean of the
+    fit rows (``G_low`` is centred by construction). Everything else goes to the real adapter."""
+
+    def __init__(self, adapter: Any, det: ViM) -> None:
+        self._adapter = adapter
+        self._det = det
+
+    def head_weight_bias(self, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self._det._moments
+        assert m is not None
+        k = int(m.mean.shape[0])
+        return torch.eye(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+
+class _GradientViM(ViM):
+    """ViM on ``G_low``: the origin is the ID mean (``0``) instead of the head's ``-pinv(W) b``."""
+
+    def _fit_begin(self, adapter) -> None:
+        super()._fit_begin(_ZeroOrigin(adapter, self))
+
+
+class _GradientResidual(Residual):
+    """Residual on ``G_low``: the origin is the ID mean (``0``) instead of the head's ``-pinv(W) b``."""
+
+    def _fit_begin(self, adapter) -> None:
+        super()._fit_begin(_ZeroOrigin(adapter, self))
+
+
+_GRADIENT_CLASSES: dict[str, type[Detector]] = {"vim": _GradientViM, "residual": _GradientResidual}
+
+
+def scoring_detector(name: str, params: Mapping[str, Any] | None = None) -> Detector:
+    """A new, unfitted detector ``name`` (one of :data:`DETECTOR_SCORINGS`) for ``G_low``, with
+    hyperparameters ``params``; its feature shapes are not checked against the model's."""
+    cls = _GRADIENT_CLASSES.get(name) or detector_class(name)
+    det = cls(**dict(params or {}))
+    det.shape_bound = frozenset()  # its "penultimate" features are G_low [B, K], not the model's
+    return det
+
+
+def fit_on_rows(det: Detector, feats: Features, adapter: Any) -> None:
+    """Fit ``det`` on the rows of ``feats`` held in memory (one batch, positions ``0..N-1``):
+    the same steps as ``det.fit_features(feats, calibration=0)`` in one process (tested), but no
+    cross-rank synchronisation: under ``torch.distributed`` every rank already holds every row."""
+    feats = Features(feats)
+    feats["index"] = torch.arange(feats.batch_size, device=next(iter(feats.values())).device)
+    det._reset_fitted()
+    assert det.fit_mode == "single_pass", det.name
+    det._fit_begin(adapter)
+    det._check_labels(feats)
+    det._fit_update(feats)
+    det._fit_end()
+    det.n_fit_samples_ = feats.batch_size
+    det.fitted_ = True
+
+
 @register
 class LDG(Detector):
     """Low-dimensional gradients (Wu et al., "Low-Dimensional Gradient Helps Out-of-Distribution
@@ -163,6 +334,16 @@ class LDG(Detector):
     of the L2-normalised penultimate features (forward + backward). The fit prepares every
     scoring it can (the probe when the loader has labels; the penultimate bank when the model
     has a linear head), so ``set_params(scoring=...)`` switches without refitting.
+
+    **Any feature-space detector** (``scoring=NAME``, NAME in :data:`DETECTOR_SCORINGS`:
+    mahalanobis, rmds, their ``_pp`` variants, vim, residual, she, nnguide, gmm, neco, cfood,
+    relation, grood): the detector ``create(NAME, **scoring_params)`` is fitted on the ID bank,
+    ``fit_features(Features(penultimate=G_low(x_i), logits=z(x_i), labels=y_i))``, and scores
+    ``Features(penultimate=G_low(x), logits=z(x))`` (``z`` the model's logits). The bank's rows
+    are the exact projections of the fit samples, so this costs no extra pass. ViM and Residual
+    take the ID mean of ``G_low`` (``0`` by construction) as their origin, since ``G_low`` has no
+    head to give ``-pinv(W) b``; detectors that need the head or the model are refused
+    (:data:`REFUSED_SCORINGS`). The scoring detector's state is saved inside LDG's.
 
     Hyperparameters
     ---------------
@@ -192,7 +373,8 @@ class LDG(Detector):
         "params": _ParamSpec(),
         "subspace": OneOf(("pca", "class_mean")),
         "method": OneOf(("exact", "sketch")),
-        "scoring": OneOf(("knn", "probe_msp", "probe_energy", "ensemble")),
+        "scoring": _Scoring(),
+        "scoring_params": _ScoringParams(),
         "k": Interval(1, math.inf, integer=True),
         "n_iter": Interval(0, 100, integer=True),
         "oversample": Interval(0, 10_000, integer=True),
@@ -209,6 +391,7 @@ class LDG(Detector):
         subspace: str = "pca",
         method: str = "exact",
         scoring: str = "knn",
+        scoring_params: Mapping[str, Any] | None = None,
         k: int = 5,
         n_iter: int = 3,
         oversample: int = 10,
@@ -223,6 +406,7 @@ class LDG(Detector):
         self.subspace = subspace
         self.method = method
         self.scoring = scoring
+        self.scoring_params = dict(scoring_params) if isinstance(scoring_params, Mapping) else scoring_params
         self.k = k
         self.n_iter = n_iter
         self.oversample = oversample
@@ -231,18 +415,94 @@ class LDG(Detector):
         self.max_fit_samples = max_fit_samples
         self.seed = seed
         self._key = f"ldg_proj_{id(self):x}"
+        self._scorer: Detector | None = None  # the detector fitted on G_low (scoring=NAME)
+
+    # ------------------------------------------------------------------ the scoring detector
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.scoring in NATIVE_SCORINGS:
+            if self.scoring_params:
+                raise ConfigError(
+                    f"ldg: scoring_params={self.scoring_params!r} set the hyperparameters of a detector scoring, "
+                    f"but scoring={self.scoring!r} is LDG's own (its hyperparameter is k=). Use scoring_params "
+                    f"with a detector scoring: {list(DETECTOR_SCORINGS)}."
+                )
+            return
+        try:
+            scoring_detector(self.scoring, self.scoring_params)
+        except ConfigError as e:
+            raise ConfigError(f"ldg scoring={self.scoring!r}, scoring_params={self.scoring_params!r}: {e}") from None
+
+    def set_params(self, **params: Any) -> LDG:
+        super().set_params(**params)
+        sc = self._scorer
+        if sc is not None and sc.name == self.scoring and ("scoring" in params or "scoring_params" in params):
+            # the fitted scoring detector takes the new hyperparameters (its own set_params rules)
+            sc.set_params(**scoring_detector(self.scoring, self.scoring_params).get_params())
+        return self
+
+    def _reset_fitted(self) -> None:
+        super()._reset_fitted()
+        self._scorer = None
+
+    def _bind(self, model, adapter=None) -> LDG:
+        super()._bind(model, adapter)
+        if self._scorer is not None:
+            self._scorer._bind(model, self._adapter)
+        return self
+
+    def to(self, device: torch.device | str) -> LDG:
+        super().to(device)
+        if self._scorer is not None:
+            self._scorer.to(device)
+        return self
+
+    @property
+    def scoring_detector_(self) -> Detector | None:
+        """The detector fitted on ``G_low`` (``scoring=NAME``), else ``None``."""
+        return self._scorer
+
+    def _scoring_det(self) -> Detector:
+        sc = self._scorer
+        if sc is None or sc.name != self.scoring:
+            fitted = "none" if sc is None else repr(sc.name)
+            raise ConfigError(
+                f"ldg: scoring={self.scoring!r} is a detector fitted on the gradient features during fit, but this "
+                f"LDG was fitted with {fitted} (the scorings {list(NATIVE_SCORINGS)} need no refit). Refit "
+                "(det.fit(model, id_loader)) with this scoring."
+            )
+        return sc
 
     # ------------------------------------------------------------------ derived state
     # The layer map and the neighbour banks are rebuilt from fitted state through
     # ``Detector._memo``: keyed by the adapter (a new model) and the fitted tensors (new on fit,
     # load and ``to``), so they are rebuilt exactly when those change.
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self._scorer is not None:  # the scoring detector's own state, as fusion keeps its members'
+            sd["fitted"]["scoring_state_"] = self._scorer.state_dict()
+        return sd
+
     def load_state_dict(self, state, *, strict: bool = True) -> None:
+        state = dict(state)
+        fitted = dict(state.get("fitted", {}))
+        inner = fitted.pop("scoring_state_", None)
+        state["fitted"] = fitted
+        self._scorer = None
         super().load_state_dict(state, strict=strict)
+        if inner is not None:
+            sc = scoring_detector(inner["detector"], inner.get("params"))
+            sc.load_state_dict(inner)  # unbound: LDG's fingerprint was checked
+            sc.shape_bound = frozenset()
+            self._scorer = sc
+            if self._model is not None:
+                sc._bind(self._model, self._adapter)
         # fresh allocations: BLAS results depend on memory alignment, and loaded tensors may be
         # views into a file buffer; cloning makes scores after load bitwise equal to the originals
-        for k, v in list(vars(self).items()):
-            if k.endswith("_") and not k.startswith("_") and isinstance(v, torch.Tensor):
-                setattr(self, k, v.clone())
+        for obj in (self, self._scorer):
+            for k, v in list(vars(obj).items()) if obj is not None else ():
+                if k.endswith("_") and not k.startswith("_") and isinstance(v, torch.Tensor):
+                    setattr(obj, k, v.clone())
 
     def _layer_map_key(self) -> tuple:
         shapes_ = getattr(self, "sketch_shapes_", None)
@@ -283,6 +543,8 @@ class LDG(Detector):
 
     # ------------------------------------------------------------------ fit
     def fit_needs_labels(self) -> bool:
+        if self.scoring in DETECTOR_SCORINGS and scoring_detector(self.scoring, self.scoring_params).fit_needs_labels():
+            return True
         return self.scoring in ("probe_msp", "probe_energy") or self.subspace == "class_mean"
 
     def _fit(self, stream: FitStream) -> None:  # None: the base calibrates in one extra pass
@@ -291,6 +553,9 @@ class LDG(Detector):
         passes = GradPasses(stream, self.max_fit_samples)
         need_labels = self.fit_needs_labels()
         keep_feats = False  # the penultimate bank (ensemble), when the model has a linear head
+        scorer = scoring_detector(self.scoring, self.scoring_params) if self.scoring in DETECTOR_SCORINGS else None
+        keep_logits = scorer is not None and scorer.capture_spec(adapter, "fit").logits  # the scorer's fit logits
+        fit_logits: list[torch.Tensor] = []
         labelled = None
         lmap: LayerMap | None = None
         dense = False
@@ -337,6 +602,8 @@ class LDG(Detector):
             f = lmap.run(adapter, b.x, acc, extra=CaptureSpec(logits=True, penultimate=keep_feats))
             acc.finish()
             fps.append(torch.logsumexp(f["logits"].double().cpu(), dim=1))
+            if keep_logits:
+                fit_logits.append(f["logits"].float().cpu())
             positions.append(b.index.cpu())
             if labelled and b.y is not None:
                 labels.append(b.y.cpu())
@@ -428,6 +695,7 @@ class LDG(Detector):
             bank = torch.cat(parts)
         # under torch.distributed: every rank's fit samples, in global position order
         extra = ([torch.cat(pens)] if keep_feats else []) + ([torch.cat(labels)] if labels else [])
+        extra += [torch.cat(fit_logits)] if keep_logits else []
         bank, *extra = sync.gather_in_order(torch.cat(positions), bank.cpu(), *extra)
         if bank.shape[0] < int(self.k):
             raise InputError(
@@ -442,6 +710,17 @@ class LDG(Detector):
             ncls = max(int(adapter.num_classes or 0), int(y.max()) + 1)
             for key, val in _train_probe(bank, y, ncls, int(self.seed)).items():
                 setattr(self, f"probe_{key}_", val)
+        if scorer is not None:
+            # the scoring detector on the bank: every rank's rows in global order (gathered above), so
+            # it is fitted without any cross-rank reduction and is the same on every rank
+            rows = Features(penultimate=bank)
+            if keep_logits:
+                rows["logits"] = extra.pop(0)
+            if y is not None:
+                rows["labels"] = y
+            fit_on_rows(scorer, rows, adapter)
+            scorer._bind(adapter.model, adapter)
+            self._scorer = scorer
         self.to(dev)
 
     def _n_components(self, n: int, dim: int, support: int) -> int:
@@ -496,6 +775,8 @@ class LDG(Detector):
 
     def score_features(self, feats: Features) -> torch.Tensor:
         z = self._glow(feats)
+        if self.scoring in DETECTOR_SCORINGS:
+            return self._scoring_det().score_features(Features(penultimate=z, logits=feats.require("logits")))
         k = int(self.k)
         if self.scoring == "knn":
             return -self._knn("grad").kth_distance(z, k)
