@@ -27,7 +27,7 @@ import torch
 
 import normscore
 from normscore.data import get_dataset
-from normscore.detectors.gradients import LDG
+from normscore.detectors.ldg import LDG
 from normscore.metrics import evaluate
 from normscore.models import small_cnn
 from normscore.taps import ALL_BLOCKS, BackwardSpec, CaptureSpec, Features, block_key, capture

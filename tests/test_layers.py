@@ -179,7 +179,7 @@ def test_the_graph_sees_the_imports_it_should():
     """The guard reads what it claims to read (a broken parser would pass every check below)."""
     top, local = import_graph()
     assert {"normscore.adapters", "normscore.errors", "normscore.runmode"} <= top["normscore.taps"]
-    assert "normscore.detectors.engines.persample" in top["normscore.detectors.gradients"]  # relative, nested
+    assert "normscore.detectors.engines.persample" in top["normscore.detectors.ldg"]  # relative, nested
     assert "normscore.tools.trainer" in local["normscore.bench.models"]  # from ..tools import trainer
     assert "normscore.detectors.logits" in top["normscore.detectors._all"]  # the dynamic one
     assert "normscore.bench.runner" not in top["normscore.bench.cli"]  # under TYPE_CHECKING / in functions
@@ -255,7 +255,7 @@ def test_scoring_never_loads_bench_finetune_data_or_tools(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     loaded = r.stdout.split()
-    assert "normscore.detectors.gradients" in loaded and "normscore.pipeline" in loaded  # the path ran
+    assert "normscore.detectors.ldg" in loaded and "normscore.pipeline" in loaded  # the path ran
     tools = (
         "normscore.bench",
         "normscore.finetune",
@@ -402,7 +402,7 @@ def test_detector_families_make_no_distributed_calls():
     13, item 5). ``detectors/engines/subspace.py`` keeps the collective matmuls of its streamed
     randomized subspace iteration (an engine algorithm, rows sharded over ranks)."""
     fams = {m: p for m, p in _modules().items() if m.startswith("normscore.detectors.") and ".engines" not in m}
-    assert "normscore.detectors.distances" in fams and "normscore.detectors.gradients" in fams
+    assert "normscore.detectors.distances" in fams and "normscore.detectors.ldg" in fams
     bad = [
         f"{p.relative_to(ROOT)}:{hit}"
         for m, p in fams.items()

@@ -12,7 +12,7 @@ from helpers import TinyCNN, assert_unchanged, make_loader, snapshot
 from zoo_helpers import FeatNet
 
 import normscore
-from normscore.detectors.gradients import DETECTOR_SCORINGS, NATIVE_SCORINGS, REFUSED_SCORINGS, fit_on_rows
+from normscore.detectors.ldg import DETECTOR_SCORINGS, NATIVE_SCORINGS, REFUSED_SCORINGS, fit_on_rows
 from normscore.errors import ConfigError, InputError, ModelMismatchError
 from normscore.taps import Features
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 #: the package's modules that hold no detectors (the base class, its helpers, the engines)
 MACHINERY = frozenset(
-    {"base", "constraints", "decision", "dset", "engines", "fitting", "persistence", "registry", "sync"}
+    {"base", "constraints", "decision", "dset", "engines", "fitting", "ldg_scoring", "persistence", "registry", "sync"}
 )
 
 _MODULES = tuple(
