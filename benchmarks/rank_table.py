@@ -29,10 +29,8 @@ def ranked(results: dict) -> tuple[list[list[str]], list[str]]:
         key = (near.get("auroc", 0.0) + far.get("auroc", 0.0)) / 2
         scored.append((-key, name, near, far))
     for i, (neg, name, near, far) in enumerate(sorted(scored), 1):
-        rows.append(
-            [str(i), f"`{name}`", _pct(near.get("auroc")), _pct(near.get("fpr95")), _pct(far.get("auroc")),
-             _pct(far.get("fpr95")), _pct(-neg)]  # fmt: skip
-        )
+        metrics = [near.get("auroc"), near.get("fpr95"), far.get("auroc"), far.get("fpr95"), -neg]
+        rows.append([str(i), f"`{name}`", *(_pct(v) for v in metrics)])
     return rows, notes
 
 
