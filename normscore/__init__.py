@@ -35,6 +35,7 @@ from .fingerprint import ModelFingerprint
 from .metrics import evaluate
 from .pipeline import ScoringModule, score_loader
 from .preprocess import input_transform
+from .select import Selection, select
 from .taps import CaptureSpec, Features, capture
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "NormscoreError",
     "NotFittedError",
     "ScoringModule",
+    "Selection",
     "__version__",
     "capture",
     "create",
@@ -70,6 +72,7 @@ __all__ = [
     "register",
     "save",
     "score_loader",
+    "select",
     "set_adapter",
 ]
 

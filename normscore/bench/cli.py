@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--far", action="append", metavar="LIST", help="far-OOD sets, comma-separated (default: the suite's)"
     )
-    g.add_argument("--val-ood", metavar="NAME", help="validation OOD set for --search (default: the suite's)")
+    g.add_argument(
+        "--val-ood",
+        metavar="NAME",
+        help="validation OOD set for --search (default: the suite's), or 'pseudo': no OOD data, pseudo-OOD made "
+        "from ID training images (normscore.select)",
+    )
     g.add_argument(
         "--data-root",
         metavar="DIR",
@@ -147,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, default=1000, metavar="N", help="validation ID / OOD images for --search")
     g = ap.add_argument_group("detectors")
     g.add_argument("--detectors", default="all", metavar="LIST", help="all, or a comma-separated list (see --list)")
-    g.add_argument("--search", action="store_true", help="hyperparameter search on validation ID vs validation OOD")
+    g.add_argument(
+        "--search",
+        action="store_true",
+        help="hyperparameter search on validation ID vs validation OOD (or pseudo-OOD: --val-ood pseudo)",
+    )
     g = ap.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per model pass")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

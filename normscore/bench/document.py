@@ -66,6 +66,21 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+def _pseudo_validation(plan: SplitPlan, selection: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``validation`` entry of ``--val-ood pseudo``: held-out fit images vs their pseudo-OOD."""
+    if not plan.pseudo_ood or not selection:
+        return None
+    ev = next(iter(selection.values()))
+    return {
+        "id": f"{ev['n_heldout']} held-out {plan.info.name}:{plan.train_split} fit images "
+        f"(hash split, holdout {ev['holdout']}; the detectors of the selection were fitted on the other "
+        f"{ev['n_fit']})",
+        "ood": {"dataset": "pseudo", "split": "+".join(ev["kinds"]), "size": ev["n_heldout"]},
+        "why": plan.val_reason,
+        "criterion": ev["criterion"],
+    }
+
+
 def build_result(
     *,
     cfg: BenchConfig,
@@ -83,6 +98,7 @@ def build_result(
     cache_root: str | None,
     timings: dict[str, float],
     cpu: dict[str, float],
+    selection: dict[str, Any] | None = None,
 ) -> BenchResult:
     """The :class:`BenchResult` of a finished run: its JSON document and the detectors' scores."""
     dets = {}
@@ -152,8 +168,9 @@ def build_result(
                 "criterion": CRITERION,
             }
             if plan.val_ref is not None
-            else None
+            else _pseudo_validation(plan, selection)
         ),
+        "selection": selection,
         "seed": cfg.seed,
         "train_seed": train_seed,
         "registered_detectors": list_detectors(),

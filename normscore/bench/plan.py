@@ -20,7 +20,10 @@ from ..errors import ConfigError, NotApplicableError
 from .config import BenchConfig, SplitRef
 from .suites import SUITES, Suite
 
-__all__ = ["DetectorRun", "SplitPlan", "plan_detectors", "plan_splits", "short_error"]
+__all__ = ["PSEUDO_VAL_OOD", "DetectorRun", "SplitPlan", "plan_detectors", "plan_splits", "short_error"]
+
+#: the ``--val-ood`` value that searches with pseudo-OOD from ID data (:func:`normscore.select`)
+PSEUDO_VAL_OOD = "pseudo"
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SplitPlan:
     ood_refs: list[SplitRef]
     val_ref: SplitRef | None = None  # the validation OOD set (``--search`` only)
     val_reason: str = ""
+    pseudo_ood: bool = False  # ``--search --val-ood pseudo``: select with pseudo-OOD (normscore.select)
 
 
 @dataclass
@@ -118,7 +122,21 @@ def plan_splits(cfg: BenchConfig) -> SplitPlan:
     if cfg.search:
         token = cfg.val_ood or (s.val_ood if s else None)
         if not token:
-            raise ConfigError(f"--search needs a validation OOD set for --id {cfg.id}: pass --val-ood NAME.")
+            raise ConfigError(
+                f"--search needs a validation OOD set for --id {cfg.id}: pass --val-ood NAME (or --val-ood "
+                f"{PSEUDO_VAL_OOD}: pseudo-OOD made from ID training images)."
+            )
+        if token == PSEUDO_VAL_OOD:
+            return SplitPlan(
+                s,
+                info,
+                train_split,
+                test_split,
+                refs,
+                None,
+                "pseudo-OOD made from held-out ID training images (normscore.select): no OOD data",
+                True,
+            )
         ds, sp = _parse_ref(token, cfg.id, splits, reserved)
         clash = [r.label for r in refs if (r.dataset, r.split) == (ds, sp)]
         if clash:

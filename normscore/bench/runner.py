@@ -116,6 +116,10 @@ class _Run:
         cached = [r for r in runs if r.error is None and r.mode == "cached"]
         live = [r for r in runs if r.error is None and r.mode == "live"]
         configs = {r.name: search_configs(r.name, self.cfg.search) for r in runs if r.error is None}
+        self.selection: dict[str, Any] | None = None
+        if self.plan.pseudo_ood:
+            with self._stage("select"):
+                self.selection = self.select_pseudo(cached, live, configs)
         cached, fit_feats = self.extract_fit(cached, configs)
         val_feats = self.extract_val(cached, live, configs)
         self.search_and_fit_cached(cached, configs, fit_feats, val_feats)
@@ -177,6 +181,57 @@ class _Run:
 
     def _make(self, name: str, params: dict[str, Any]) -> Detector:
         return create(name, **params).attach(self.lm.model, self.adapter)
+
+    # ------------------------------------------------------------------ search without OOD data
+    def select_pseudo(
+        self, cached: list[DetectorRun], live: list[DetectorRun], configs: dict[str, list[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        """``--val-ood pseudo``: :func:`normscore.select` picks each detector's configuration
+        with pseudo-OOD made from ID training images (cached detectors on the fit split, live ones
+        on the live-fit split); ``configs`` keeps only the chosen one. Returns the evidence of
+        each selection (``results.json`` ``selection``)."""
+        from torch.utils.data import DataLoader
+
+        from ..select import select
+
+        out: dict[str, Any] = {}
+        for route, rs, split in (("cached", cached, "fit"), ("live", live, "live-fit")):
+            rs = [r for r in rs if r.error is None]
+            if not rs:
+                continue
+            cands = [(r.name, c) for r in rs for c in configs[r.name]]
+            loader = DataLoader(
+                self.sets[split], batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.workers
+            )
+            self.log(f"select ({route}): {len(cands)} configurations of {len(rs)} detectors on pseudo-OOD")
+            try:
+                sel = select(
+                    self.lm.model,
+                    loader,
+                    cands,
+                    adapter=self.adapter,
+                    seed=self.cfg.seed,
+                    refit=None,
+                    progress=self.cfg.progress,
+                )
+            except Exception as e:  # noqa: BLE001 - every candidate failed: each detector says why
+                for r in rs:
+                    r.error = f"selection failed: {short_error(e)}"
+                continue
+            for r in rs:
+                rows = sorted(sel.for_detector(r.name), key=lambda c: c.order)
+                if len(rows) > 1:
+                    r.search = [
+                        {"params": c.params, "val_auroc": c.mean_auroc, "pseudo_auroc": c.auroc, "rank": c.rank}
+                        for c in rows
+                    ]
+                best = min(rows, key=lambda c: c.rank)
+                if best.error is not None:
+                    r.error = f"no configuration could be scored on pseudo-OOD: {best.error}"
+                    continue
+                configs[r.name] = [dict(best.params)]
+            out[route] = {"split": split, **sel.evidence}
+        return out
 
     # ------------------------------------------------------------------ extract
     def extract_fit(
@@ -338,6 +393,7 @@ class _Run:
             cache_root=self.cache_root,
             timings=self.timings,
             cpu=self.cpu,
+            selection=self.selection,
         )
 
 

@@ -4,7 +4,6 @@ first in grid order). One rule, :func:`best_by_val_auroc`, for cached and live d
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,20 +12,13 @@ import numpy as np
 
 from ..detectors.registry import detector_class
 from ..metrics import evaluate
+from ..select import grid  # one grid order for --search and normscore.select
 
-__all__ = ["best_by_val_auroc", "search_configs", "val_auroc"]
+__all__ = ["best_by_val_auroc", "grid", "search_configs", "val_auroc"]
 
 T = TypeVar("T")
 
 CRITERION = "highest validation AUROC (ties: first in grid order)"
-
-
-def grid(space: dict[str, list]) -> list[dict[str, Any]]:
-    """Every combination of ``space``'s values, in order (``[{}]`` for an empty space)."""
-    if not space:
-        return [{}]
-    keys = list(space)
-    return [dict(zip(keys, vals)) for vals in itertools.product(*(space[k] for k in keys))]
 
 
 def search_configs(name: str, search: bool) -> list[dict[str, Any]]:
