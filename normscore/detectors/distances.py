@@ -373,7 +373,11 @@ class NNGuide(_Bank):
     _salt = 3
 
     def __init__(
-        self, k: int = 100, alpha: float = 0.01, layer: str | list[str] = "penultimate", layer_aggregation: str = "concat"
+        self,
+        k: int = 100,
+        alpha: float = 0.01,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
     ) -> None:
         super().__init__()
         self.k = k
