@@ -293,7 +293,9 @@ def test_bench_cached_path_uses_the_layer_keys(model):
         fit_cached(det, Features.cat(parts), 160, adapter, torch.device("cpu"))
         live = normscore.create("mahalanobis", **hp).fit(model, LOADER, calibration=0.0)
         test = normscore.capture(adapter, X, det.capture_spec(adapter, "score"))
-        assert torch.equal(torch.from_numpy(score_cached(det, test, adapter, torch.device("cpu"))).float(), live.score(X))
+        assert torch.equal(
+            torch.from_numpy(score_cached(det, test, adapter, torch.device("cpu"))).float(), live.score(X)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
