@@ -334,3 +334,25 @@ def test_head_dependent_detectors_refuse_other_layers(name):
 def test_bad_layer_values_are_rejected(hp):
     with pytest.raises(ConfigError):
         normscore.create("mahalanobis", **hp)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed: the per-block members' fit state is synchronised (one gloo rank in-process)
+
+
+def test_sum_members_and_normratio_synchronise_under_a_process_group(model, tmp_path):
+    import torch.distributed as dist
+
+    hps = [
+        ("knn", {"k": 3, "layer": ["features.2", "features.6"], "layer_aggregation": "sum"}),
+        ("gmm", {"reg": 1e-3, "layer": "*stages", "layer_aggregation": "sum"}),
+        ("mahalanobis", {"layer": "normratio"}),
+    ]
+    alone = [normscore.create(n, **hp).fit(model, LOADER).score(X) for n, hp in hps]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        synced = [normscore.create(n, **hp).fit(model, LOADER).score(X) for n, hp in hps]
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(alone, synced):
+        assert torch.equal(a, b)
