@@ -356,3 +356,12 @@ def test_sum_members_and_normratio_synchronise_under_a_process_group(model, tmp_
         dist.destroy_process_group()
     for a, b in zip(alone, synced):
         assert torch.equal(a, b)
+
+
+def test_changing_the_layer_after_fitting_asks_for_a_refit(model):
+    det = normscore.create("knn", k=3, layer="features.2").fit(model, LOADER)
+    det.set_params(layer="features.6")
+    with pytest.raises(ConfigError, match="Refit the detector"):
+        det.score(X)
+    det.fit(model, LOADER)
+    assert det.layer_ == "features.6" and det.score(X).shape == (7,)

@@ -156,6 +156,7 @@ class LayerFeatures:
         expanded with ``adapter``, or kept for :func:`~normscore.taps.capture` to expand)."""
         fitted = getattr(self, "layer_", None)
         if fitted is not None:
+            self._check_layer_unchanged()
             return list(fitted) if isinstance(fitted, (list, tuple)) else fitted
         layer = self._layer_param()
         if layer == NORMRATIO:
@@ -173,6 +174,18 @@ class LayerFeatures:
         if isinstance(layer, list) and len(layer) == 1:
             return layer[0]
         return layer
+
+    def _layer_choice(self) -> list:
+        """The layer hyperparameters as fitted (``layer_fit_params_``)."""
+        return [self._layer_param(), getattr(self, "layer_aggregation", "concat")]
+
+    def _check_layer_unchanged(self) -> None:
+        was = getattr(self, "layer_fit_params_", None)
+        if was is not None and list(was) != self._layer_choice():
+            raise ConfigError(
+                f"{self.name}: layer/layer_aggregation were changed to {self._layer_choice()} after fitting with "  # type: ignore[attr-defined]
+                f"{list(was)}; the fitted statistics belong to the old layer. Refit the detector."
+            )
 
     def _layer_members_mode(self) -> bool:
         """Whether the detector is a sum of per-block detectors (``layer_aggregation="sum"`` with a
@@ -211,6 +224,7 @@ class LayerFeatures:
         super()._fit_prepass(stream)  # type: ignore[misc]
         if self._layer_param() == NORMRATIO:
             self.layer_, self.layer_table_ = normratio_select(stream)
+            self.layer_fit_params_ = self._layer_choice()
 
     # ------------------------------------------------------------------ sum: per-block members
     def _member(self, name: str) -> Any:
@@ -231,6 +245,7 @@ class LayerFeatures:
             names = self._layer_names(self._layer_adapter)
             assert isinstance(names, list)
             self.layer_ = names
+            self.layer_fit_params_ = self._layer_choice()
             self._layer_members = [self._member(n) for n in names]
             for m in self._layer_members:
                 m._fit_begin(self._layer_adapter)
@@ -323,6 +338,7 @@ def _dispatching(meth: str, fn: Any) -> Any:
         out = fn(self, *args)
         if meth == "_fit_end" and self._has_layer_param() and getattr(self, "layer_", None) is None:
             self.layer_ = self._layer_names(getattr(self, "_adapter", None))
+            self.layer_fit_params_ = self._layer_choice()
         return out
 
     wrapper._layer_dispatch = True  # type: ignore[attr-defined]
