@@ -557,6 +557,20 @@ CASES: list[tuple[str, str, Callable[[Path], object], type, str]] = [
         ConfigError,
         "unknown local model",
     ),
+    (
+        "layer-unknown-block",
+        "a feature detector at a misspelt block (layer=)",
+        lambda t: normscore.create("mahalanobis", layer="feature.2").fit(_model(), _loader()),
+        AdapterError,
+        r"Did you mean 'features.2'\?.*Valid blocks",
+    ),
+    (
+        "layer-needs-head",
+        "layer= on a detector whose formula needs the linear head",
+        lambda t: normscore.create("vim", layer="features.2"),
+        ConfigError,
+        r"not available: ViM's virtual logit is defined on the head's input only",
+    ),
 ]
 
 

@@ -209,9 +209,11 @@ class Detector(metaclass=_DetectorMeta):
 
         This default runs the streamed fit in a pass of its own (for a ``"single_pass"``
         detector whose fit features need a backward pass, so it cannot share the forward
-        pass); the held-out features of ``capture_spec("calibrate")`` come from the same pass.
+        pass, or one that needs passes before it: :meth:`_fit_prepass`); the held-out features
+        of ``capture_spec("calibrate")`` come from the same pass.
         """
         adapter = stream.adapter
+        self._fit_prepass(stream)
         calib_spec = self.capture_spec(adapter, "calibrate") if stream.stride > 0 else None
         store: list[Features] = []
         self._fit_begin(adapter)
@@ -224,6 +226,10 @@ class Detector(metaclass=_DetectorMeta):
         sync_state(self)
         self._fit_end()
         return Features.cat(store) if calib_spec is not None else None
+
+    def _fit_prepass(self, stream: FitStream) -> None:
+        """Passes over ``stream`` that the default :meth:`_fit` runs before its streamed pass
+        (e.g. ``layer="normratio"``'s block selection, :mod:`~normscore.detectors.layer`); none here."""
 
     @classmethod
     def _implemented_fit_mode(cls) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..taps import CaptureSpec, Features
+from ..taps import Features
 from .base import Detector
 from .constraints import Interval
 from .distances import _Bank
@@ -72,17 +72,29 @@ class CFOOD(_Bank):
     }
     search_space = {"k": [0.01, 0.05, 0.1, 0.2], "alpha": [0.1, 0.5, 1.0]}
 
-    def __init__(self, alpha: float = 1.0, k: float = 0.01) -> None:
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        k: float = 0.01,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         Detector.__init__(self)
         self.alpha = alpha
         self.k = k
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=False, penultimate=True)
+        return self.layer_spec(adapter, logits=False)
+
+    @staticmethod
+    def _unit(h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        return h / (h.norm(dim=1, keepdim=True) + 1e-10)
 
     def _bank_rows(self, feats: Features) -> torch.Tensor:
-        h = feats.require("penultimate").float()
-        return h / (h.norm(dim=1, keepdim=True) + 1e-10)
+        return self._unit(self.layer_features(feats))
 
     def _fit_end(self) -> None:
         super()._fit_end()
@@ -107,7 +119,7 @@ class CFOOD(_Bank):
         """``kappa(x)`` of ``[B, D]`` features (float64 ``[B]``)."""
         self._check_bank()
         bank, table, kval = self.bank_, self.knn_dists_, self.kval_
-        v = self._bank_rows(Features(penultimate=h)).to(bank.device)
+        v = self._unit(h).to(bank.device)
         n, klen = table.shape
         b = v.shape[0]
         hist = torch.zeros(b, klen + 1, dtype=torch.float64, device=bank.device)
@@ -124,4 +136,4 @@ class CFOOD(_Bank):
         return torch.where(anyok, kv[j], torch.ones_like(kv[j]))
 
     def score_features(self, feats: Features) -> torch.Tensor:
-        return (-self.kappa(feats.require("penultimate"))).float()
+        return (-self.kappa(self.layer_features(feats))).float()

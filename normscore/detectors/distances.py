@@ -30,6 +30,7 @@ from ._zoo import (
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
 from .engines.knn import KNNBank
+from .layer import LayerFeatures
 from .registry import register
 
 __all__ = ["FDBD", "KNN", "SHE", "Mahalanobis", "NNGuide", "RelativeMahalanobis", "ViM"]
@@ -72,7 +73,7 @@ def _sq_dists(z: torch.Tensor, m: torch.Tensor, m_sq: torch.Tensor) -> torch.Ten
     return ((z * z).sum(1, keepdim=True) - 2.0 * (z @ m.T) + m_sq[None, :]).clamp_min(0)
 
 
-class _Gaussian(Detector):
+class _Gaussian(LayerFeatures, Detector):
     """Shared fit of the class-conditional Gaussian scores (shared covariance)."""
 
     needs_labels = True
@@ -81,14 +82,18 @@ class _Gaussian(Detector):
     constraints = {"shrinkage": Interval(0.0, 1.0)}
     search_space = {"shrinkage": [0.0, 0.001, 0.01, 0.1]}
 
-    def __init__(self, shrinkage: float = 0.0) -> None:
+    def __init__(
+        self, shrinkage: float = 0.0, layer: str | list[str] = "penultimate", layer_aggregation: str = "concat"
+    ) -> None:
         super().__init__()
         self.shrinkage = shrinkage
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
         self._cache = LazyCache()
 
     def capture_spec(self, adapter, stage):
         # logits at fit time only to know the number of classes
-        return CaptureSpec(logits=stage == "fit", penultimate=True)
+        return self.layer_spec(adapter, logits=stage == "fit")
 
     _fit_state = (("_moments", "moments"),)
 
@@ -96,7 +101,7 @@ class _Gaussian(Detector):
         self._moments: ClassMoments | None = None
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate")
+        h = self.layer_features(feats)
         c = feats.require("logits").shape[1]
         if self._moments is None:
             self._moments = ClassMoments(c, h.shape[1], device=h.device)
@@ -163,7 +168,7 @@ class Mahalanobis(_Gaussian):
     formula = "-min_c (h - mu_c)^T Sigma^-1 (h - mu_c), Sigma shared (relative shrinkage)"
 
     def score_features(self, feats: Features) -> torch.Tensor:
-        d2 = self.class_sq_distances(feats.require("penultimate"))
+        d2 = self.class_sq_distances(self.layer_features(feats))
         return (-d2.amin(dim=1)).float()
 
 
@@ -183,8 +188,10 @@ class RelativeMahalanobis(_Gaussian):
     paper = "Ren et al., ICML 2021 UDL workshop, arXiv:2106.09022"
     formula = "-min_c [(h-mu_c)^T Sigma^-1 (h-mu_c) - (h-mu_0)^T Sigma_0^-1 (h-mu_0)]"
 
-    def __init__(self, shrinkage: float = 0.0) -> None:
-        super().__init__(shrinkage=shrinkage)
+    def __init__(
+        self, shrinkage: float = 0.0, layer: str | list[str] = "penultimate", layer_aggregation: str = "concat"
+    ) -> None:
+        super().__init__(shrinkage=shrinkage, layer=layer, layer_aggregation=layer_aggregation)
         self._bg_cache = LazyCache()
 
     def _fit_background(self, n: int, scatter: torch.Tensor) -> None:
@@ -200,7 +207,7 @@ class RelativeMahalanobis(_Gaussian):
         return (z * z).sum(1)
 
     def score_features(self, feats: Features) -> torch.Tensor:
-        h = feats.require("penultimate")
+        h = self.layer_features(feats)
         d2 = self.class_sq_distances(h)
         return (self.background_sq_distances(h) - d2.amin(dim=1)).float()
 
@@ -209,7 +216,7 @@ class RelativeMahalanobis(_Gaussian):
 # neighbours
 
 
-class _Bank(Detector):
+class _Bank(LayerFeatures, Detector):
     """Shared fit of the neighbour detectors: a bank of (a subsample of) fit rows."""
 
     needs_fit = True
@@ -290,19 +297,29 @@ class KNN(_Bank):
     search_space = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
     _salt = 2
 
-    def __init__(self, k: int = 50, index: str = "flat", alpha: float = 1.0, bank_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        k: int = 50,
+        index: str = "flat",
+        alpha: float = 1.0,
+        bank_dtype: str = "float32",
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         super().__init__()
         self.k = k
         self.index = index
         self.alpha = alpha
         self.bank_dtype = bank_dtype
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
         self._index_cache = LazyCache()
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=False, penultimate=True)
+        return self.layer_spec(adapter, logits=False)
 
     def _bank_rows(self, feats: Features) -> torch.Tensor:
-        return normalize_rows(feats.require("penultimate"))
+        return normalize_rows(self.layer_features(feats))
 
     def _knn_bank(self) -> KNNBank:
         def build() -> KNNBank:
@@ -315,7 +332,7 @@ class KNN(_Bank):
     def score_features(self, feats: Features) -> torch.Tensor:
         self._check_bank()
         k = int(self.k)
-        q = normalize_rows(feats.require("penultimate"))
+        q = normalize_rows(self.layer_features(feats))
         d, idx = self._knn_bank().search(q, k)
         kth = idx[:, k - 1].to(q.device)
         ok = kth >= 0  # an IVF search may find fewer than k vectors
@@ -355,21 +372,29 @@ class NNGuide(_Bank):
     search_space = {"k": [1, 10, 50, 100, 200, 500]}
     _salt = 3
 
-    def __init__(self, k: int = 100, alpha: float = 0.01) -> None:
+    def __init__(
+        self,
+        k: int = 100,
+        alpha: float = 0.01,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         super().__init__()
         self.k = k
         self.alpha = alpha
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=True, penultimate=True)
+        return self.layer_spec(adapter, logits=True)
 
     def _bank_rows(self, feats: Features) -> torch.Tensor:
         conf = torch.logsumexp(feats.require("logits").float(), dim=1)
-        return normalize_rows(feats.require("penultimate")) * conf[:, None]
+        return normalize_rows(self.layer_features(feats)) * conf[:, None]
 
     def score_features(self, feats: Features) -> torch.Tensor:
         self._check_bank()
-        q = normalize_rows(feats.require("penultimate"))
+        q = normalize_rows(self.layer_features(feats))
         guide = _topk_mean_ip(q, self.bank_, int(self.k))
         return guide * torch.logsumexp(feats.require("logits").float(), dim=1)
 
@@ -397,7 +422,7 @@ class _DimConstraint(Constraint):
 
 
 @register
-class ViM(Detector):
+class ViM(LayerFeatures, Detector):
     """Virtual-logit matching: ``logsumexp(z) - alpha |(h - o) P_perp|``.
 
     ``o = -pinv(W) b`` is the origin of the head's logit space; ``P_perp`` spans the
@@ -424,9 +449,16 @@ class ViM(Detector):
     constraints = {"dim": _DimConstraint()}
     search_space = {"dim": [0.25, 0.5, 0.75, 0.9]}
 
-    def __init__(self, dim: int | float | None = None) -> None:
+    layer_needs_head = (
+        "ViM's virtual logit is defined on the head's input only: its origin o = -pinv(W) b and its scale "
+        "(matched to the logits W h + b) come from the linear head on the same features, and neither the paper "
+        "nor the official code defines them at another block."
+    )
+
+    def __init__(self, dim: int | float | None = None, layer: str = "penultimate") -> None:
         super().__init__()
         self.dim = dim
+        self.layer = layer
 
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True, penultimate=True)
@@ -507,7 +539,7 @@ class ViM(Detector):
 
 
 @register
-class SHE(Detector):
+class SHE(LayerFeatures, Detector):
     """Simplified Hopfield energy: ``h . m_{argmax z}``.
 
     ``m_c`` is the mean penultimate feature of the fit samples of class ``c`` that the model
@@ -525,11 +557,13 @@ class SHE(Detector):
     per_class = True
     needs_fit = True
 
-    def __init__(self) -> None:
+    def __init__(self, layer: str | list[str] = "penultimate", layer_aggregation: str = "concat") -> None:
         super().__init__()
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=True, penultimate=True)
+        return self.layer_spec(adapter, logits=True)
 
     _fit_state = (("_sums", "sum"), ("_counts", "sum"))
 
@@ -539,7 +573,7 @@ class SHE(Detector):
 
     def _fit_update(self, feats: Features) -> None:
         z = feats.require("logits")
-        h = feats.require("penultimate").double()
+        h = self.layer_features(feats).double()
         c = z.shape[1]
         y = check_labels(feats["labels"].to(h.device), c, self.name)
         if self._sums is None:
@@ -557,13 +591,13 @@ class SHE(Detector):
         del self._sums, self._counts
 
     def score_features(self, feats: Features) -> torch.Tensor:
-        h = feats.require("penultimate").float()
+        h = self.layer_features(feats).float()
         pred = feats.require("logits").argmax(1).to(h.device)
         return (h * self.patterns_[pred].to(h.device)).sum(dim=1)
 
 
 @register
-class FDBD(Detector):
+class FDBD(LayerFeatures, Detector):
     """Fast decision-boundary distance: mean distance of ``h`` to the decision boundaries of the
     predicted class, normalised by the distance to the mean fit feature.
 
@@ -581,9 +615,15 @@ class FDBD(Detector):
     constraints = {"distance_as_normalizer": OneOf((True, False))}
     search_space = {"distance_as_normalizer": [True, False]}
 
-    def __init__(self, distance_as_normalizer: bool = True) -> None:
+    layer_needs_head = (
+        "fDBD measures distances to the decision boundaries of the linear head (|z_y - z_c| / |w_y - w_c|), "
+        "which exist only in the head's input space."
+    )
+
+    def __init__(self, distance_as_normalizer: bool = True, layer: str = "penultimate") -> None:
         super().__init__()
         self.distance_as_normalizer = distance_as_normalizer
+        self.layer = layer
 
     def capture_spec(self, adapter, stage):
         return CaptureSpec(logits=True, penultimate=True)

@@ -10,11 +10,12 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..stats import RunningMoments
-from ..taps import CaptureSpec, Features
+from ..taps import Features
 from ._zoo import RowSample, check_labels, feature_positions, sample_rows_for
 from .base import Detector
 from .constraints import Interval, OneOf
 from .distances import _eig_desc
+from .layer import LayerFeatures
 from .registry import register
 
 __all__ = ["GMM", "fit_tied_gmm", "kmeans_pp"]
@@ -94,8 +95,7 @@ class _SampleAndMoments:
         self.moments = RunningMoments(dim, device=device)
         self.sample = RowSample(sample_rows_for(dim, GMM_SAMPLE_VALUES), salt=21)
 
-    def update(self, feats: Features) -> None:
-        h = feats.require("penultimate")
+    def update(self, h: torch.Tensor, feats: Features) -> None:
         self.moments.update(h)
         self.sample.add(h.float(), feature_positions(feats, self.sample.seen))
 
@@ -196,7 +196,7 @@ def fit_tied_gmm(
 
 
 @register
-class GMM(Detector):
+class GMM(LayerFeatures, Detector):
     """Gaussian mixture log-likelihood of the penultimate features ``h``.
 
     ``variant="pytorch_ood"`` (default; pytorch-ood 0.4 ``GMM``): one Gaussian per class with its
@@ -259,8 +259,12 @@ class GMM(Detector):
         n_components: int | None = None,
         pca_dim: int = 10,
         seed: int = 0,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
     ) -> None:
         super().__init__()
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
         self.variant = variant
         self.reg = reg
         self.n_components = n_components
@@ -277,7 +281,7 @@ class GMM(Detector):
 
     def capture_spec(self, adapter, stage):
         # logits at fit time only to know the number of classes
-        return CaptureSpec(logits=stage == "fit", penultimate=True)
+        return self.layer_spec(adapter, logits=stage == "fit")
 
     # ------------------------------------------------------------------ fit
     _fit_state = (("_acc", "merge"),)
@@ -287,7 +291,7 @@ class GMM(Detector):
         self._classes = 0
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate")
+        h = self.layer_features(feats)
         c = feats.require("logits").shape[1]
         self._classes = c
         if self.variant == "pytorch_ood":
@@ -297,7 +301,7 @@ class GMM(Detector):
         else:
             if self._acc is None:
                 self._acc = _SampleAndMoments(h.shape[1], h.device)
-            self._acc.update(feats)
+            self._acc.update(h, feats)
 
     def _fit_end(self) -> None:
         acc, classes = self._acc, self._classes
@@ -409,6 +413,6 @@ class GMM(Detector):
 
     def score_features(self, feats: Features) -> torch.Tensor:
         self._check_variant()
-        h = feats.require("penultimate")
+        h = self.layer_features(feats)
         terms = self.class_log_likelihoods(h) if self.variant == "pytorch_ood" else self._openood_log_terms(h)
         return torch.logsumexp(terms, dim=1).float()

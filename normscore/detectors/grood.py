@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import CaptureSpec, Features
+from ..taps import Features
 from ._zoo import check_labels, feature_positions, hash_positions
 from .base import Detector
 from .constraints import Interval, OneOf
+from .layer import LayerFeatures
 from .registry import register
 
 __all__ = ["GROOD"]
 
 
 @register
-class GROOD(Detector):
+class GROOD(LayerFeatures, Detector):
     """GROOD: ``-min_i |g(h) - g(h_i)|^2`` over the correctly classified fit samples ``i``.
 
     Class prototypes ``p_c`` are the mean penultimate features of the fit samples of class ``c``;
@@ -51,13 +52,21 @@ class GROOD(Detector):
     _salt = 13
     _chunk = 16384
 
-    def __init__(self, ood_prototype: str = "proto_mean", alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        ood_prototype: str = "proto_mean",
+        alpha: float = 1.0,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         super().__init__()
         self.ood_prototype = ood_prototype
         self.alpha = alpha
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=True, penultimate=True)
+        return self.layer_spec(adapter, logits=True)
 
     _fit_state = (("_sums", "sum"), ("_counts", "sum"), ("_seen", "sum"), ("_parts", "cat"), ("_pos", "cat"))
     _fit_order = "_pos"
@@ -70,7 +79,7 @@ class GROOD(Detector):
         self._seen = 0
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate").float()
+        h = self.layer_features(feats).float()
         z = feats.require("logits").to(h.device)
         c = z.shape[1]
         y = check_labels(feats["labels"].to(h.device), c, self.name)
@@ -120,7 +129,7 @@ class GROOD(Detector):
                 "the bank depends on it. Refit the detector."
             )
         bank = self.bank_
-        q = self.gradients(feats.require("penultimate").to(bank.device))
+        q = self.gradients(self.layer_features(feats).to(bank.device))
         q_sq = (q * q).sum(1, keepdim=True)
         best = torch.full((q.shape[0],), float("inf"), dtype=torch.float64, device=bank.device)
         for s in range(0, bank.shape[0], self._chunk):

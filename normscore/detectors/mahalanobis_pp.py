@@ -18,13 +18,6 @@ def _unit(h: torch.Tensor) -> torch.Tensor:
     return h / h.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def _normalised(feats: Features) -> Features:
-    """``feats`` with the penultimate features replaced by their unit vectors."""
-    out = Features(feats)
-    out["penultimate"] = _unit(feats.require("penultimate"))
-    return out
-
-
 @register
 class MahalanobisPP(Mahalanobis):
     """Mahalanobis++: :class:`~normscore.detectors.distances.Mahalanobis` on ``h / |h|``.
@@ -39,18 +32,17 @@ class MahalanobisPP(Mahalanobis):
     Implementation: exactly :class:`Mahalanobis` (streamed float64 class moments, relative
     ``shrinkage``, pseudo-inverse of a singular covariance) after normalising each row in
     float64; the official code normalises in float32 and inverts with scikit-learn's
-    ``EmpiricalCovariance`` (``pinvh``), which is ``shrinkage=0``.
+    ``EmpiricalCovariance`` (``pinvh``), which is ``shrinkage=0``. With ``layer=`` (see
+    :mod:`normscore.detectors.layer`) ``h`` is the chosen layer's feature vector (the
+    concatenation for ``layer_aggregation="concat"``), normalised as a whole.
     """
 
     name = "mahalanobis_pp"
     paper = "Müller & Hein, ICML 2025, arXiv:2505.18032"
     formula = "-min_c (u - mu_c)^T Sigma^-1 (u - mu_c), u = h/|h| (fit on normalised features too)"
 
-    def _fit_update(self, feats: Features) -> None:
-        super()._fit_update(_normalised(feats))
-
-    def score_features(self, feats: Features) -> torch.Tensor:
-        return super().score_features(_normalised(feats))
+    def layer_features(self, feats: Features) -> torch.Tensor:
+        return _unit(super().layer_features(feats))
 
 
 @register
@@ -67,8 +59,5 @@ class RelativeMahalanobisPP(RelativeMahalanobis):
     paper = "Müller & Hein, ICML 2025, arXiv:2505.18032"
     formula = "-min_c [MD_c(u) - MD_0(u)], u = h/|h| (fit on normalised features too)"
 
-    def _fit_update(self, feats: Features) -> None:
-        super()._fit_update(_normalised(feats))
-
-    def score_features(self, feats: Features) -> torch.Tensor:
-        return super().score_features(_normalised(feats))
+    def layer_features(self, feats: Features) -> torch.Tensor:
+        return _unit(super().layer_features(feats))

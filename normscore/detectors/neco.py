@@ -6,17 +6,18 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..stats import RunningMoments
-from ..taps import CaptureSpec, Features
+from ..taps import Features
 from .base import Detector
 from .constraints import OneOf
 from .distances import _DimConstraint, _eig_desc
+from .layer import LayerFeatures
 from .registry import register
 
 __all__ = ["NECO"]
 
 
 @register
-class NECO(Detector):
+class NECO(LayerFeatures, Detector):
     """NECO: ``||P_d x|| / ||x||``, optionally times the max logit.
 
     ``x = (h - m) / s`` is the feature standardised with the ID mean ``m`` and standard
@@ -52,14 +53,23 @@ class NECO(Detector):
     constraints = {"dim": _DimConstraint(), "maxlogit": OneOf((False, True)), "standardize": OneOf((True, False))}
     search_space = {"dim": [0.1, 0.25, 0.5, 0.75, 0.9], "maxlogit": [False, True]}
 
-    def __init__(self, dim: int | float | None = None, maxlogit: bool = False, standardize: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int | float | None = None,
+        maxlogit: bool = False,
+        standardize: bool = True,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.maxlogit = maxlogit
         self.standardize = standardize
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=True, penultimate=True)
+        return self.layer_spec(adapter, logits=True)
 
     def principal_dim(self, d: int) -> int:
         """The principal-subspace dimension for features of dimension ``d``."""
@@ -79,7 +89,7 @@ class NECO(Detector):
         self._classes = 0
 
     def _fit_update(self, feats: Features) -> None:
-        h = feats.require("penultimate")
+        h = self.layer_features(feats)
         if self._moments is None:
             self._moments = RunningMoments(h.shape[1], device=h.device)
             self._classes = int(feats.require("logits").shape[1])
@@ -118,7 +128,7 @@ class NECO(Detector):
         return (c @ p).norm(dim=1) / h.norm(dim=1).clamp_min(1e-300)
 
     def score_features(self, feats: Features) -> torch.Tensor:
-        r = self.ratio(feats.require("penultimate"))
+        r = self.ratio(self.layer_features(feats))
         if self.maxlogit:
             r = r * feats.require("logits").double().amax(dim=1).to(r.device)
         return r.float()

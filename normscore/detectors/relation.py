@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import CaptureSpec, Features
+from ..taps import Features
 from ._zoo import feature_positions, hash_positions
 from .base import Detector
 from .constraints import Interval
+from .layer import LayerFeatures
 from .registry import register
 
 __all__ = ["Relation"]
@@ -21,7 +22,7 @@ def _relation_unit(h: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Relation(Detector):
+class Relation(LayerFeatures, Detector):
     """Neural relation graph score: ``sum_i [r_i > t] r_i^pow``, ``r_i = max(z . z_i, 0) (p . p_i)``.
 
     ``z = h / sqrt(|h|^2 + 1e-10)`` are the normalised penultimate features and ``p = softmax(z_logits)``
@@ -51,18 +52,26 @@ class Relation(Detector):
     _salt = 7
     _chunk = 16384
 
-    def __init__(self, pow: float = 1, thres: float = 0.03, alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        pow: float = 1,
+        thres: float = 0.03,
+        alpha: float = 1.0,
+        layer: str | list[str] = "penultimate",
+        layer_aggregation: str = "concat",
+    ) -> None:
         super().__init__()
         self.pow = pow
         self.thres = thres
         self.alpha = alpha
+        self.layer = layer
+        self.layer_aggregation = layer_aggregation
 
     def capture_spec(self, adapter, stage):
-        return CaptureSpec(logits=True, penultimate=True)
+        return self.layer_spec(adapter, logits=True)
 
-    @staticmethod
-    def _rows(feats: Features) -> tuple[torch.Tensor, torch.Tensor]:
-        z = _relation_unit(feats.require("penultimate"))
+    def _rows(self, feats: Features) -> tuple[torch.Tensor, torch.Tensor]:
+        z = _relation_unit(self.layer_features(feats))
         p = torch.softmax(feats.require("logits").float(), dim=1).to(z.device)
         return z, p
 

@@ -98,7 +98,8 @@ def sync_state(obj: Any) -> None:
     """Synchronise every accumulator ``obj._fit_state`` declares, in declaration order."""
     if not distributed_active():
         return
-    state = getattr(type(obj), "_fit_state", ())
+    # looked up on the object: an instance may declare its own (layer_aggregation="sum" members)
+    state = getattr(obj, "_fit_state", ())
     name = getattr(obj, "name", type(obj).__name__)
     for attr, how in state:
         value = getattr(obj, attr, None)
@@ -108,7 +109,7 @@ def sync_state(obj: Any) -> None:
                 "give every rank at least one batch of the fit split."
             )
         setattr(obj, attr, reduce(value, how))
-    key = getattr(type(obj), "_fit_order", None)
+    key = getattr(obj, "_fit_order", None)
     if key is not None:
         pos = getattr(obj, key)
         order = torch.argsort(pos[0] if isinstance(pos, list) else pos)
