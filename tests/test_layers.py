@@ -47,7 +47,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     ("detectors", ("normscore.detectors",)),
-    ("public api", ("normscore", "normscore.pipeline", "normscore.select")),
+    ("public api", ("normscore", "normscore.pipeline", "normscore.select", "normscore.pseudo_ood")),
     ("tools", ("normscore.tools", "normscore.models", "normscore.training")),
     ("data", ("normscore.data",)),
     ("bench / finetune", ("normscore.bench", "normscore.finetune", "normscore.demo")),
