@@ -47,20 +47,23 @@ def _sizes(field: str) -> str:
     from .suites import SUITES
 
     return ", ".join(
-        f"{s.id} {'all' if getattr(s, field) is None else f'{getattr(s, field):,}'}" for s in SUITES.values()
+        f"{s.key} {'all' if getattr(s, field) is None else f'{getattr(s, field):,}'}" for s in SUITES.values()
     )
 
 
 def _epilog() -> str:
     from .suites import SUITES
 
-    lines = ["suites (--id with its default model, sizes and OOD sets):"]
+    lines = ["suites (--id NAME, or --suite NAME, with its default model, sizes and OOD sets):"]
     for s in SUITES.values():
         fit = "all" if s.fit_size is None else f"{s.fit_size:,}"
         live = fit if s.live_fit_size is None else f"{s.live_fit_size:,}"
         test = "all" if s.test_size is None else f"at most {s.test_size:,}"
+        head = f"  {s.id}: model {s.model}" if s.key == s.id else f"  --suite {s.key} (ID {s.id}): model {s.model}"
+        lines.append(head)
+        if s.description:
+            lines.append(f"    {s.description}")
         lines += [
-            f"  {s.id}: model {s.model}",
             f"    detectors fitted on {fit} {s.train_split} images ({live} for live detectors)",
             f"    tested on {test} images of each test set (the ID {s.test_split} split, every OOD set)",
             f"    near-OOD {', '.join(s.near)}; far-OOD {', '.join(s.far)}",
@@ -93,14 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-epochs",
         type=int,
         metavar="N",
-        help="train the model from scratch on the ID training split, cached by recipe (default: smallcnn "
-        "trains for the suite's epochs, others load weights)",
+        help="train the model from scratch on the ID training split, cached by recipe; with a suite that "
+        "trains a new head (fashion-mnist-effnet): the head's epochs (default: smallcnn and such suites "
+        "train for the suite's epochs, others load weights)",
     )
     g.add_argument(
         "--image-size", type=int, metavar="PX", help="input size override (default: the model's or the data's size)"
     )
     g = ap.add_argument_group("data")
-    g.add_argument("--id", default="fashion-mnist", help="ID data set (fashion-mnist, imagenet, imagefolder:PATH, ...)")
+    g.add_argument(
+        "--id",
+        help="ID data set (fashion-mnist, imagenet, imagefolder:PATH, ...) (default: fashion-mnist, or the --suite's)",
+    )
+    g.add_argument(
+        "--suite",
+        metavar="NAME",
+        help="a named suite: its ID set, model, input size and sizes (fashion-mnist-effnet: ImageNet "
+        "EfficientNet-Lite0 with a new linear head on fashion-mnist, 64 px) (default: the suite of --id)",
+    )
     g.add_argument(
         "--ood",
         action="append",
@@ -201,9 +214,11 @@ def _print_lists() -> None:
         print(f"  {n:16s} {info.description}  [splits: {', '.join(sp)}]")
     for p, d in list_dataset_prefixes().items():
         print(f"  {p + ':PATH':16s} {d}")
-    print("suites (--id with default OOD sets):")
+    print("suites (--id NAME, or --suite NAME, with default OOD sets):")
     for s in SUITES.values():
-        print(f"  {s.id:16s} near {', '.join(s.near)}; far {', '.join(s.far)}; val-OOD {s.val_ood}; model {s.model}")
+        print(
+            f"  {s.key:16s} ID {s.id}; near {', '.join(s.near)}; far {', '.join(s.far)}; val-OOD {s.val_ood}; model {s.model}"
+        )
     print("detectors:")
     for n in normscore.list_detectors():
         c = normscore.detector_class(n)
@@ -211,14 +226,51 @@ def _print_lists() -> None:
     print("models: smallcnn[:WIDTH], " + ", ".join(list_local_models()) + ", any timm name, tv:<torchvision name>")
 
 
-def _default_out(id_name: str, model: str | None) -> str:
+def _default_out(id_name: str, model: str | None, suite: str | None = None) -> str:
     from .suites import SUITES
 
-    m = model or (SUITES[id_name].model if id_name in SUITES else "smallcnn")
+    key = suite or id_name
+    m = model or (SUITES[key].model if key in SUITES else "smallcnn")
     ident = id_name.partition(":")[2] if id_name.startswith("imagefolder:") else id_name
     ident = os.path.basename(os.path.normpath(ident)) or "data"
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{ident}-{m}")
     return os.path.join("normscore-results", safe)
+
+
+def _config(args: argparse.Namespace, argv: list[str] | None) -> BenchConfig:
+    """The :class:`BenchConfig` of the parsed command line."""
+    from .runner import BenchConfig
+
+    return BenchConfig(
+        id=args.id,
+        suite=args.suite,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        train_epochs=args.train_epochs,
+        ood=_list_arg(args.ood),
+        near=_list_arg(args.near),
+        far=_list_arg(args.far),
+        val_ood=args.val_ood,
+        detectors=args.detectors,
+        data_root=args.data_root,
+        limit=args.limit,
+        fit_size=args.fit_size,
+        live_fit_size=args.live_fit_size,
+        test_size=args.test_size,
+        val_size=args.val_size,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        out=args.out or _default_out(args.id, args.model, args.suite),
+        cache_dir=args.cache_dir,
+        no_cache=args.no_cache,
+        search=args.search,
+        image_size=args.image_size,
+        workers=args.workers,
+        plots=not args.no_plots,
+        progress=False if args.quiet else None,
+        command=shlex.join(["normscore-bench", *(sys.argv[1:] if argv is None else argv)]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from .report import footer_lines, format_results, summary_lines
-    from .runner import BenchConfig, run_benchmark
+    from .runner import run_benchmark
 
     if args.model:
         try:
@@ -253,35 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and v < 1:
             print(f"normscore-bench: error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
-    cfg = BenchConfig(
-        id=args.id,
-        model=args.model,
-        checkpoint=args.checkpoint,
-        train_epochs=args.train_epochs,
-        ood=_list_arg(args.ood),
-        near=_list_arg(args.near),
-        far=_list_arg(args.far),
-        val_ood=args.val_ood,
-        detectors=args.detectors,
-        data_root=args.data_root,
-        limit=args.limit,
-        fit_size=args.fit_size,
-        live_fit_size=args.live_fit_size,
-        test_size=args.test_size,
-        val_size=args.val_size,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        out=args.out or _default_out(args.id, args.model),
-        cache_dir=args.cache_dir,
-        no_cache=args.no_cache,
-        search=args.search,
-        image_size=args.image_size,
-        workers=args.workers,
-        plots=not args.no_plots,
-        progress=False if args.quiet else None,
-        command=shlex.join(["normscore-bench", *(sys.argv[1:] if argv is None else argv)]),
-    )
+    from .suites import SUITES
+
+    if args.suite is not None and args.suite in SUITES and args.id is None:
+        args.id = SUITES[args.suite].id
+    args.id = args.id or "fashion-mnist"
+    try:
+        cfg = _config(args, argv)
+    except NormscoreError as e:
+        print(f"normscore-bench: error: {e}", file=sys.stderr)
+        return 2
     try:
         res = run_benchmark(cfg) if args.seeds == 1 else _run_seeds(cfg, args.seeds)
     except NormscoreError as e:

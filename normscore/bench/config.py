@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..tools.model_names import parse_model_name
-from .suites import SUITES
+from .suites import SUITES, Suite
 
-__all__ = ["BenchConfig", "SplitRef", "resolve_device", "trains_model"]
+__all__ = ["BenchConfig", "SplitRef", "resolve_device", "retrains_head", "suite_of", "trains_model"]
 
 
 @dataclass
@@ -49,8 +49,18 @@ class BenchConfig:
     progress: bool | None = None  # log lines unless False; bars if True, or None and stderr is a terminal
     part_rows: int = 4096
     command: str | None = None  # the command line, recorded in results.json
+    suite: str | None = None  # a named suite (``--suite``; None: the suite of ``id``, if any)
 
     def __post_init__(self) -> None:
+        if self.suite is not None:
+            if self.suite not in SUITES:
+                raise ConfigError(
+                    f"unknown suite {self.suite!r}.{did_you_mean(self.suite, SUITES)} Suites: {list(SUITES)}."
+                )
+            if self.id != SUITES[self.suite].id:
+                raise ConfigError(
+                    f"suite {self.suite} has ID set {SUITES[self.suite].id}, not {self.id}; drop --id or --suite."
+                )
         # a comma-separated string is a list of sets (as on the command line), not a sequence of letters
         for f in ("ood", "near", "far"):
             v = getattr(self, f)
@@ -68,12 +78,30 @@ class SplitRef:
     group: str  # "near", "far", "other" (test OOD), "id", "val-id", "val-ood"
 
 
+def suite_of(cfg: BenchConfig) -> Suite | None:
+    """The run's suite: ``cfg.suite``, else the suite named after the ID set (if any)."""
+    if cfg.suite is not None:
+        return SUITES[cfg.suite]
+    s = SUITES.get(cfg.id)
+    return s if s is not None and s.key == s.id else None
+
+
+def retrains_head(cfg: BenchConfig) -> bool:
+    """Whether the run trains a new linear head on its suite's frozen pretrained model
+    (:mod:`normscore.bench.probe`): the suite says so, and neither ``--model`` (another one) nor
+    ``--checkpoint`` replaces its model."""
+    s = suite_of(cfg)
+    if s is None or s.retrain != "head" or cfg.checkpoint:
+        return False
+    return cfg.model is None or parse_model_name(cfg.model, check=False).canonical == s.model
+
+
 def trains_model(cfg: BenchConfig) -> bool:
-    """Whether the run trains its model here (``--train-epochs``, or ``smallcnn`` without a
-    checkpoint) rather than loading pretrained or checkpoint weights."""
-    suite = SUITES.get(cfg.id)
+    """Whether the run trains its model here (``--train-epochs``, ``smallcnn`` without a
+    checkpoint, or a suite's new head) rather than loading pretrained or checkpoint weights."""
+    suite = suite_of(cfg)
     kind = parse_model_name(cfg.model or (suite.model if suite else "smallcnn"), check=False).kind
-    return cfg.train_epochs is not None or (kind == "smallcnn" and not cfg.checkpoint)
+    return cfg.train_epochs is not None or (kind == "smallcnn" and not cfg.checkpoint) or retrains_head(cfg)
 
 
 def resolve_device(device: str) -> torch.device:

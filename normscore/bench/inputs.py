@@ -15,7 +15,7 @@ import torch
 from ..data import ImageSet, get_dataset
 from ..errors import ConfigError
 from ..tools.model_names import parse_model_name
-from .config import BenchConfig, SplitRef, trains_model
+from .config import BenchConfig, SplitRef, retrains_head, trains_model
 from .models import InputFormat, LoadedModel, build_model, train_cached, weights_hash
 from .plan import SplitPlan
 
@@ -47,6 +47,12 @@ def build_bench_model(
 ) -> tuple[LoadedModel, int]:
     """The model of the run on ``device`` in eval mode, and the number of classes."""
     name = parse_model_name(model_name(cfg, plan), check=False).canonical
+    if retrains_head(cfg):  # the suite's pretrained model with a new linear head (bench.probe)
+        from .probe import build_head_model
+
+        return build_head_model(
+            cfg, plan, name=name, train_seed=train_seed, device=device, cache_root=cache_root, log=log
+        )
     native = native_format(cfg, plan, name)
     train = trains_model(cfg)
     if cfg.train_epochs is not None and cfg.checkpoint:

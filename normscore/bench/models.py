@@ -468,9 +468,11 @@ def train_cached(
     device: torch.device,
     progress: bool | None,
     log: Callable[[str], None],
+    train: Callable[[nn.Module, torch.utils.data.Dataset], dict[str, Any] | None] | None = None,
 ) -> LoadedModel:
-    """Train ``lm.model`` on ``train_set`` with :func:`normscore.tools.trainer.train_classifier`, or
-    load the checkpoint a previous run with the same ``recipe`` cached."""
+    """Train ``lm.model`` on ``train_set`` with :func:`normscore.tools.trainer.train_classifier`
+    (or ``train(model, train_set)``, whose returned dict joins the training record), or load the
+    checkpoint a previous run with the same ``recipe`` cached."""
     from ..tools.trainer import train_classifier
 
     recipe = {**recipe, "trainer": trainer_version()}
@@ -494,20 +496,24 @@ def train_cached(
         f"({len(train_set)} images) on {device}"
     )
     t0 = time.perf_counter()
-    train_classifier(
-        lm.model,
-        train_set,
-        epochs=int(recipe["epochs"]),
-        batch_size=int(recipe["batch_size"]),
-        lr=float(recipe["lr"]),
-        weight_decay=float(recipe["weight_decay"]),
-        seed=int(recipe["seed"]),
-        device=device,
-        augment=bool(recipe["augment"]),
-        progress=progress,
-        deterministic=bool(recipe["deterministic"]),
-    )
-    info.update(cached=False, seconds=round(time.perf_counter() - t0, 2))
+    extra: dict[str, Any] | None = None
+    if train is not None:
+        extra = train(lm.model, train_set)
+    else:
+        train_classifier(
+            lm.model,
+            train_set,
+            epochs=int(recipe["epochs"]),
+            batch_size=int(recipe["batch_size"]),
+            lr=float(recipe["lr"]),
+            weight_decay=float(recipe["weight_decay"]),
+            seed=int(recipe["seed"]),
+            device=device,
+            augment=bool(recipe["augment"]),
+            progress=progress,
+            deterministic=bool(recipe["deterministic"]),
+        )
+    info.update(cached=False, seconds=round(time.perf_counter() - t0, 2), **(extra or {}))
     if path:
         state = {k: v.detach().cpu() for k, v in lm.model.state_dict().items()}
         # a file object: the archive's inner name is fixed, so the bytes are reproducible

@@ -17,7 +17,7 @@ from ..data import DatasetInfo, dataset_info
 from ..detectors.base import Detector
 from ..detectors.registry import create, detector_class, list_detectors
 from ..errors import ConfigError, NotApplicableError
-from .config import BenchConfig, SplitRef
+from .config import BenchConfig, SplitRef, suite_of
 from .suites import SUITES, Suite
 
 __all__ = ["PSEUDO_VAL_OOD", "DetectorRun", "SplitPlan", "plan_detectors", "plan_splits", "short_error"]
@@ -85,7 +85,9 @@ def _parse_ref(token: str, id_name: str, id_splits: tuple[str, ...], reserved: t
 
 def plan_splits(cfg: BenchConfig) -> SplitPlan:
     """Resolve the suite, the ID splits, the OOD sets and (with ``search``) the validation OOD set."""
-    s = SUITES.get(cfg.id)
+    s = suite_of(cfg)
+    if cfg.id in SUITES and SUITES[cfg.id].key != SUITES[cfg.id].id:
+        raise ConfigError(f"{cfg.id} is a suite, not a data set: use --suite {cfg.id}.")
     info = dataset_info(cfg.id)
     splits = info.splits
     train_split = s.train_split if s else ("train" if "train" in splits else None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..data import check_dataset
 from ..errors import MissingResourceError
-from .config import BenchConfig, trains_model
+from .config import BenchConfig, retrains_head, trains_model
 from .models import weights_problem
 
 __all__ = ["missing_error", "missing_pieces"]
@@ -18,7 +18,8 @@ def missing_pieces(
     """``(what, problem)`` for every missing piece: the model weights, then each data split.
     Data sets without a cheap check are loaded only with ``load=True``."""
     out = []
-    w = weights_problem(model_name, checkpoint=cfg.checkpoint, train=trains_model(cfg))
+    # a new head on a pretrained model needs the pretrained weights
+    w = weights_problem(model_name, checkpoint=cfg.checkpoint, train=trains_model(cfg) and not retrains_head(cfg))
     if w:
         out.append((f"model weights ({model_name})", w))
     for ds, sp in splits:

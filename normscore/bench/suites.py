@@ -15,6 +15,12 @@
 ``textures``, ``openimage_o``; validation OOD ``openimage_o_val`` (OpenOOD's own val-OOD list,
 OpenImage-O images disjoint from its test images); default model ``efficientnet_lite0``.
 
+``fashion-mnist-effnet`` (``--suite fashion-mnist-effnet``): the ``fashion-mnist`` sets and sizes
+with a real pretrained backbone - ``efficientnet_lite0`` (ImageNet weights, frozen) at 64 x 64 px
+(the gray images replicated to 3 channels, the model's own normalisation), its classifier replaced
+by a linear head for the 10 classes trained here on the backbone's pooled features of the 60,000
+training images (:mod:`normscore.bench.probe`; cached like the trained ``smallcnn``).
+
 For any other ID set the OOD sets must be given (``--ood``); the training split is ``train``
 and the test split ``test`` (or ``val``).
 """
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 from ..data.imagenet import IMAGENET_FAR, IMAGENET_NEAR, IMAGENET_VAL_OOD
 
-__all__ = ["SUITES", "Suite"]
+__all__ = ["SUITES", "Suite", "suite_names"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,15 @@ class Suite:
     fit_size: int | None  # ID training images the cached detectors are fitted on (None: all)
     test_size: int | None  # cap on each test split, ID and OOD (None: all)
     live_fit_size: int | None  # ID training images the live detectors are fitted on (None: fit_size)
+    name: str | None = None  # the suite's name (``--suite``) when it is not its ID set's
+    retrain: str | None = None  # "head": a new linear head on the frozen pretrained model (bench.probe)
+    image_size: int | None = None  # input size of the suite's model (None: the model's or the data's)
+    description: str = ""  # one line for --help and --list
+
+    @property
+    def key(self) -> str:
+        """The suite's name: ``--suite KEY`` (``--id KEY`` for a suite named after its ID set)."""
+        return self.name or self.id
 
 
 SUITES: dict[str, Suite] = {
@@ -83,3 +98,28 @@ SUITES: dict[str, Suite] = {
         live_fit_size=10000,
     ),
 }
+
+_FM = SUITES["fashion-mnist"]
+SUITES["fashion-mnist-effnet"] = Suite(
+    id="fashion-mnist",
+    train_split=_FM.train_split,
+    test_split=_FM.test_split,
+    near=_FM.near,
+    far=_FM.far,
+    val_ood=_FM.val_ood,
+    val_ood_reason=_FM.val_ood_reason,
+    model="efficientnet_lite0",
+    train_epochs=10,  # epochs of the new linear head (on cached backbone features: seconds)
+    fit_size=_FM.fit_size,
+    test_size=_FM.test_size,
+    live_fit_size=_FM.live_fit_size,
+    name="fashion-mnist-effnet",
+    retrain="head",
+    image_size=64,
+    description="ImageNet EfficientNet-Lite0, frozen, at 64 px with a new linear head trained on fashion-mnist",
+)
+
+
+def suite_names() -> list[str]:
+    """The names ``--suite`` accepts."""
+    return list(SUITES)
