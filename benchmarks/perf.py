@@ -10,6 +10,7 @@ Timings are medians of interleaved repeats (ours, ref, ours, ref, ...).
 
 Sections: ``hooks`` (hook overhead), ``oneset`` (all forward-only detectors from one pass),
 ``extra`` (each detector with input gradients or extra passes, as a multiple of one forward),
+``gradunc`` (grad_uncertainty's batched per-sample gradients vs one backward per sample),
 ``features`` (scoring on identical features vs pytorch-ood 0.4), ``gradnorm``, ``ldg``,
 ``memory`` (fit peak RSS vs N), ``dist`` (torchrun fit == single-process fit).
 """
@@ -283,6 +284,42 @@ def bench_extra(quick: bool) -> None:
         )
 
 
+def bench_gradunc(quick: bool) -> None:
+    """grad_uncertainty ``params="all"``: one batched backward through the per-sample gradient
+    engine vs one backward pass per sample, on two models either side of
+    ``grad_uncertainty.BATCHED_MAX_PARAMS`` (the detector picks the faster path by model size)."""
+    import timm
+
+    from normscore.detectors.engines.layers import resolve_layers
+    from normscore.models import small_cnn
+
+    torch.manual_seed(0)
+    cases = [
+        ("smallcnn16/28px", small_cnn(width=16).eval(), torch.randn(256, 1, 28, 28)),
+        ("resnet18/64px", timm.create_model("resnet18", num_classes=10).eval(), torch.randn(32, 3, 64, 64)),
+    ]
+    for tag, model, x in cases:
+        det = normscore.create("grad_uncertainty").attach(model)
+        det.adapter.ensure_resolved(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        slots = resolve_layers(det.adapter, "all", x[:1]).slots
+        t = timed(
+            {
+                "ours": lambda det=det, x=x, s=slots: det._all_batched(x, s),
+                "ref": lambda det=det, x=x, p=params: det._all_per_sample(x, p),
+            },
+            2,
+        )
+        a, b = det._all_batched(x, slots), det._all_per_sample(x, params)
+        emit(
+            f"grad_uncertainty/batched_vs_per_sample/{tag}",
+            t["ours"],
+            t["ref"],
+            {"batch": x.shape[0], "ref": "one backward pass per sample"},
+            max_rel_diff=float(((a - b).abs() / b.abs()).max()),
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. scoring on identical features vs pytorch-ood 0.4
 
@@ -549,6 +586,7 @@ SECTIONS = {
     "oneset": bench_oneset,
     "features": bench_features,
     "extra": bench_extra,
+    "gradunc": bench_gradunc,
     "gradnorm": bench_gradnorm,
     "ldg": bench_ldg,
     "memory": bench_memory,
