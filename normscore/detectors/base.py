@@ -281,7 +281,8 @@ class Detector(metaclass=_DetectorMeta):
         modules). The default accepts every model."""
 
     def _bind(self: D, model: nn.Module, adapter: Adapter | None = None) -> D:
-        """Bind to ``model`` without any check (``fit`` binds before it replaces the state)."""
+        """Bind to ``model`` without the fingerprint check (``fit`` binds before it replaces the
+        state); :meth:`check_model` still refuses a model the detector cannot work on."""
         adapter = self._resolve_adapter(model, adapter)
         self.check_model(adapter)
         self._adapter = adapter
