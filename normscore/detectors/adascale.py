@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
+from ..taps import BackwardSpec, CaptureSpec, Features, capture
 from ._zoo import RowSample, feature_positions
 from .base import Detector
 from .constraints import Interval, OneOf
@@ -236,10 +236,7 @@ class AdaSCALE(Detector):
         return torch.logsumexp((h * torch.exp(s)[:, None]) @ w.to(h.device).T + b.to(h.device), dim=1)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._score(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:

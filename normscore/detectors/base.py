@@ -32,7 +32,7 @@ from ..io import write_state
 from ..runmode import model_device, model_dtype
 from ..runmode import tracing as _tracing
 from ..stream import FitStream
-from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, spec_keys
+from ..taps import CaptureSpec, Features, capture, feature_kind, feature_shape, prepare_input, spec_keys
 from ._zoo import LazyCache
 from .constraints import Constraint
 from .decision import Decision
@@ -504,6 +504,15 @@ class Detector(metaclass=_DetectorMeta):
         self._check_fitted()
         feats = capture(self.adapter, x, self.capture_spec(self.adapter, "score"))
         return self.score_features(feats)
+
+    def _validated_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked and converted for the model (the adapter resolved on it), for a
+        detector that runs its own model passes in ``score`` instead of one shared capture
+        (ODIN, MC dropout, ...); raises if the detector is not fitted."""
+        self._check_fitted()
+        x = prepare_input(x, self.adapter, self.model)
+        self.adapter.ensure_resolved(x)
+        return prepare_input(x, self.adapter, self.model)
 
     @property
     def decision(self) -> Decision:

@@ -8,7 +8,7 @@ import torch
 from ..adapters import model_failure, model_output_tensor
 from ..errors import AdapterError, ConfigError, InputError
 from ..runmode import eval_mode
-from ..taps import CaptureSpec, Features, prepare_input
+from ..taps import CaptureSpec, Features
 from .base import Detector
 from .constraints import OneOf
 from .engines.layers import resolve_layers
@@ -79,10 +79,7 @@ class GradUncertainty(Detector):
     def score(self, x: torch.Tensor) -> torch.Tensor:
         if self.params == "head":
             return super().score(x)
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._all(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:

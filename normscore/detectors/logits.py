@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
+from ..taps import BackwardSpec, CaptureSpec, Features, capture
 from ._zoo import check_labels
 from .base import Detector
 from .constraints import Interval
@@ -292,10 +292,7 @@ class ODIN(Detector):
         return CaptureSpec(logits=False, input=True)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._odin(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:

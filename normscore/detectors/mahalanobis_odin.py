@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..taps import BackwardSpec, CaptureSpec, Features, capture, prepare_input
+from ..taps import BackwardSpec, CaptureSpec, Features, capture
 from .constraints import Interval
 from .distances import Mahalanobis, _sq_dists
 from .registry import register
@@ -59,10 +59,7 @@ class MahalanobisODIN(Mahalanobis):
         return CaptureSpec(logits=False, input=True)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._score_input(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:

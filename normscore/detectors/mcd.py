@@ -10,7 +10,7 @@ from torch import nn
 
 from ..adapters import Adapter
 from ..errors import NotApplicableError
-from ..taps import CaptureSpec, Features, capture, override, prepare_input
+from ..taps import CaptureSpec, Features, capture, override
 from .base import Detector
 from .constraints import Interval, OneOf
 from .registry import register
@@ -120,10 +120,7 @@ class MCD(Detector):
             raise NotApplicableError(_NO_DROPOUT)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._mcd(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputError
-from ..taps import BackwardSpec, CaptureSpec, Features, block_key, capture, prepare_input, reduce_block
+from ..taps import BackwardSpec, CaptureSpec, Features, block_key, capture, reduce_block
 from .base import Detector
 from .constraints import Constraint, Interval
 from .registry import register
@@ -135,10 +135,7 @@ class NAC(Detector):
         return CaptureSpec(logits=False, input=True)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._score(self._capture(x, self.blocks_))
 
     def _capture(self, x: torch.Tensor, blocks: list[str], index: torch.Tensor | None = None) -> Features:

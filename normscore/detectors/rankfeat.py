@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Adapter, BlockInfo
 from ..errors import ConfigError
-from ..taps import CaptureSpec, Features, capture, override, prepare_input
+from ..taps import CaptureSpec, Features, capture, override
 from .base import Detector
 from .constraints import Constraint, Interval, OneOf
 from .registry import register
@@ -131,10 +131,7 @@ class RankFeat(Detector):
         return [last, names[i - 1]]
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_fitted()
-        x = prepare_input(x, self.adapter, self.model)
-        self.adapter.ensure_resolved(x)
-        x = prepare_input(x, self.adapter, self.model)
+        x = self._validated_input(x)
         return self._rankfeat(x)
 
     def score_features(self, feats: Features) -> torch.Tensor:
